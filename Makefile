@@ -1,0 +1,21 @@
+# Set-up is part of every target: a fresh machine needs only `make run` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+
+.PHONY: setup run test
+setup: $(VENV)/.installed
+
+# torch first: the CPU wheel; deepspeed installed first would pull a ~3 GB CUDA torch (DESIGN §5).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/cispo train recipes/tiny-arith.yaml $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)

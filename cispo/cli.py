@@ -1,0 +1,59 @@
+"""`cispo train RECIPE [key=value ...]` and `cispo report RUN_DIR`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cispo.config import RecipeError, load_recipe
+
+
+def _report(run_dir: str) -> None:
+    """Plot the run's reward, length, clip fraction and IS-weight max to RUN_DIR/report.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cispo.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    panels = [("reward_mean", "mean reward"), ("response_length_p99", "response length p99"),
+              ("clip_fraction", "clip fraction"), ("is_weight_max", "IS weight max"),
+              ("entropy", "entropy"), ("time_step_s", "seconds per step")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    steps = [r["step"] for r in rows]
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot(steps, [r.get(key) for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = f"{run_dir}/report.png"
+    fig.savefig(out, dpi=100)
+    print(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cispo", description="CISPO reinforcement learning for language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a recipe")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="dotted key=value, e.g. run.max_steps=10")
+    report = sub.add_parser("report", help="plot a run's metrics to RUN_DIR/report.png")
+    report.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            recipe = load_recipe(args.recipe, args.overrides)
+            from cispo.loop import train as run_training
+
+            run_training(recipe)
+        elif args.command == "report":
+            _report(args.run_dir)
+    except RecipeError as err:
+        print(f"cispo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

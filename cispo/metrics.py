@@ -1,0 +1,48 @@
+"""Per-step records: one console line, metrics.jsonl, and wandb (offline by default)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cispo.config import Recipe
+
+# What the progress line shows, in order: (metric, label, format).
+_CONSOLE = [("reward_mean", "reward", ".3f"), ("response_length_mean", "len", ".1f"),
+            ("clip_fraction", "clip", ".3f"), ("is_weight_max", "r_max", ".2f"), ("entropy", "H", ".3f"),
+            ("grad_norm", "|g|", ".3f"), ("time_step_s", "s", ".2f")]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]) if ordered else 0.0
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, recipe: Recipe):
+        self.path = run_dir / "metrics.jsonl"
+        self.total = recipe.run.max_steps
+        self.wandb = None
+        if recipe.wandb.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(project=recipe.wandb.project, mode=recipe.wandb.mode, dir=str(run_dir),
+                                    config=recipe.model_dump(mode="json"), name=run_dir.name)
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+        shown = " ".join(f"{label} {row[key]:{fmt}}" for key, label, fmt in _CONSOLE if key in row)
+        print(f"step {row['step']}/{self.total} {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,60 @@
+import torch
+
+from rollout.engine import Request, SamplingParams, generate
+from rollout.model import build_hybrid, fp32_logits
+
+PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_hybrid("tiny", 32).eval()
+
+
+def _teacher_forced(model, prompt, tokens, temperature=1.0):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = fp32_logits(model, model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1])
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
+
+def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups():
+    model = _model()
+    params = SamplingParams(max_new_tokens=24, temperature=0.7)
+    out = generate(model, [Request(p, n=3, seed=i, params=params) for i, p in enumerate(PROMPTS)], pad_id=0)
+    assert [(c.request_index, c.sample_index) for c in out] == [(q, s) for q in range(3) for s in range(3)]
+    for c in out:
+        expected = _teacher_forced(model, PROMPTS[c.request_index], c.token_ids, temperature=0.7)
+        assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
+
+
+def test_seeded_samples_do_not_depend_on_batch_neighbours():
+    model = _model()
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, top_k=20)
+    together = generate(model, [Request(p, n=2, seed=10 + i, params=params) for i, p in enumerate(PROMPTS)], 0)
+    alone = generate(model, [Request(PROMPTS[1], n=2, seed=11, params=params)], 0)
+    assert [c.token_ids for c in together[2:4]] == [c.token_ids for c in alone]
+    other_seed = generate(model, [Request(PROMPTS[1], n=2, seed=12, params=params)], 0)
+    assert [c.token_ids for c in other_seed] != [c.token_ids for c in alone]
+
+
+def test_finish_reasons_stop_length_and_repetition():
+    model = _model()
+    greedy = generate(model, [Request(PROMPTS[0], params=SamplingParams(max_new_tokens=15, temperature=0))], 0)[0]
+    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 15
+    stop_at = greedy.token_ids[4]
+    first = greedy.token_ids.index(stop_at)
+    stopped = generate(model, [Request(PROMPTS[0], params=SamplingParams(
+        max_new_tokens=15, temperature=0, stop_token_ids=(stop_at,)))], 0)[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == greedy.token_ids[:first + 1]
+
+
+def test_repetition_stop_triggers_on_confident_runs_only():
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, repetition_tokens=20, repetition_prob=0.99)
+    # Constructed case: a head scaled 1e5x makes every sampled token near-certain (p > 0.99).
+    sharp = _model()
+    sharp.lm_head.weight.data *= 1e5
+    out = generate(sharp, [Request(PROMPTS[0], n=2, seed=1, params=params)], 0)
+    assert all(c.finish_reason == "repetition" and len(c.token_ids) == 20 for c in out)
+    out = generate(_model(), [Request(p, n=4, seed=2, params=params) for p in PROMPTS], 0)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 200 for c in out)
