@@ -1,7 +1,8 @@
-"""`cispo train RECIPE [key=value ...]` and `cispo report RUN_DIR`."""
+"""`cispo train|plan|filter RECIPE [key=value ...]`, `cispo report RUN_DIR`, `cispo export RUN_DIR OUT_DIR`."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from cispo.config import RecipeError, load_recipe
@@ -40,6 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="dotted key=value, e.g. run.max_steps=10")
     report = sub.add_parser("report", help="plot a run's metrics to RUN_DIR/report.png")
     report.add_argument("run_dir")
+    export = sub.add_parser("export", help="write a checkpoint as an HF save_pretrained directory")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    plan = sub.add_parser("plan", help="resources, memory per GPU and FLOPs per token for a recipe; warns if it cannot fit")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", help="dotted key=value")
+    filt = sub.add_parser("filter", help="write the training prompts whose pass rate is in (low, high) (M1: pass@10 in (0, 0.9))")
+    filt.add_argument("recipe")
+    filt.add_argument("out", help="output JSONL")
+    filt.add_argument("overrides", nargs="*", help="dotted key=value")
+    filt.add_argument("--n", type=int, default=10, help="samples per prompt")
+    filt.add_argument("--low", type=float, default=0.0)
+    filt.add_argument("--high", type=float, default=0.9)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -49,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
             run_training(recipe)
         elif args.command == "report":
             _report(args.run_dir)
+        elif args.command == "export":
+            from cispo.export import export as export_checkpoint
+
+            print(f"exported {export_checkpoint(args.run_dir, args.out_dir, args.step)} to {args.out_dir}")
+        elif args.command == "plan":
+            from cispo import plan as planner
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            print(planner.render(planner.build(recipe), recipe))
+        elif args.command == "filter":
+            from cispo.filter import filter_by_pass_rate
+
+            counts = filter_by_pass_rate(load_recipe(args.recipe, args.overrides), args.out, args.n, args.low, args.high)
+            print(json.dumps(counts))
     except RecipeError as err:
         print(f"cispo: error: {err}", file=sys.stderr)
         return 2

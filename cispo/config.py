@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rewards.config import RewardConfig
 from rollout.config import ModelConfig, RolloutConfig
@@ -20,26 +21,92 @@ class RunConfig(Section):
     dir: str = Field("runs/default", description="run directory: config.yaml, metrics.jsonl, summary.json, ckpt/")
     seed: int = Field(0, description="seeds data order, sampling and initialization")
     max_steps: int = Field(100, ge=0, description="RL steps")
-    resume: bool = Field(False, description="continue from the newest checkpoint in run.dir")
+    resume: bool = Field(False, description="continue from the newest complete checkpoint in run.dir")
+    save_every: int = Field(10, ge=1, description="checkpoint every N RL steps (and at the last step)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after RL)")
     threads: int = Field(0, ge=0, description="torch threads per actor; 0 uses every core")
 
 
+# How a data file's rows are read (cispo.data.LOADERS); "arith" is generated, no file.
+DataFormat = Literal["arith", "jsonl", "gsm8k", "math", "apps", "humaneval"]
+
+
+class SourceConfig(Section):
+    name: str = Field(..., description="names the source in metrics and in reward.sources")
+    format: DataFormat = Field("jsonl", description="arith: generated; jsonl: 'prompt'/'answer'[/'target']; gsm8k; "
+                                                    "math: 'problem'/'solution' with \\boxed{}; apps; humaneval")
+    path: str | None = Field(None, description="training rows (.jsonl or .jsonl.gz); not for arith")
+    eval_path: str | None = Field(None, description="held-out rows in the same format")
+    weight: float = Field(1.0, ge=0, description="share of each batch, relative to the other active sources")
+    start_step: int = Field(0, ge=0, description="curriculum: the RL step at which this source joins the mix")
+    ramp_steps: int = Field(0, ge=0, description="curriculum: steps over which its weight rises from 0 to weight")
+
+
 class DataConfig(Section):
-    source: Literal["arith", "jsonl"] = Field("arith", description="generated arithmetic, or a JSONL file")
+    source: DataFormat = Field("arith", description="the single source's format when data.sources is empty")
     path: str | None = Field(None, description="JSONL with 'prompt' and 'answer' (or GSM8K 'question'/'answer')")
     eval_path: str | None = Field(None, description="held-out JSONL for evaluation")
+    sources: list[SourceConfig] = Field(default_factory=list, description="a weighted mix of sources with a "
+                                        "curriculum; replaces source/path/eval_path when given")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="a malformed row: stop with file:line, "
+                                                 "or skip it and count it")
     digits: int = Field(2, ge=1, le=6, description="arith: operand digits")
-    eval_size: int = Field(200, ge=1, description="held-out prompts scored before and after RL")
+    eval_size: int = Field(200, ge=1, description="held-out prompts scored before and after RL, per source")
     prompts_per_step: int = Field(16, ge=1, description="prompts per RL step (each sampled n times)")
+
+    def mix(self) -> list[SourceConfig]:
+        """The sources to draw from: `sources`, or the single source/path/eval_path as a one-source mix."""
+        return self.sources or [SourceConfig(name=self.source, format=self.source, path=self.path,
+                                             eval_path=self.eval_path)]
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v):
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if v and not any(s.weight > 0 and s.start_step == 0 for s in v):
+            raise ValueError("at least one source needs weight > 0 and start_step 0, or the first batches are empty")
+        return v
 
 
 class AlgorithmConfig(Section):
-    name: Literal["cispo"] = "cispo"
+    name: Literal["cispo", "cispo_masked", "grpo", "dapo", "ppo"] = Field(
+        "cispo", description="cispo: M1 Eq. 4-5; cispo_masked: Eq. 6-7; grpo/dapo/ppo: the PPO-clip surrogate")
     eps_high: float = Field(..., gt=0, description="upper clip of the IS weight; M1 does not publish it, so recipes state it")
-    eps_low: float | None = Field(None, gt=0, description="lower clip; M1 uses none")
-    normalization: Literal["group", "token"] = Field("group", description="group: 1/Σ|o_i| per prompt (Eq. 4)")
+    eps_low: float | None = Field(None, gt=0, validate_default=True,
+                                  description="lower clip; M1 uses none; PPO-clip losses need it (DAPO: 0.2)")
+    normalization: Literal["group", "token", "sequence", "sample_token"] | None = Field(
+        None, validate_default=True,
+        description="group: 1/Σ|o_i| per prompt (Eq. 4); token: batch token mean; sequence: mean of response "
+                    "means; sample_token: M1 80k's sample-level loss with token normalization; "
+                    "unset: the loss's own (cispo group, grpo sequence, dapo/ppo token)")
+    advantage: Literal["group_std", "no_std", "leave_one_out"] = Field(
+        "group_std", description="group_std: Eq. 2; no_std: Dr. GRPO; leave_one_out: RLOO baseline")
+    dynamic_sampling: bool = Field(True, description="drop prompt groups whose rewards all agree and refill (DAPO, M1)")
+    max_refill_draws: int = Field(4, ge=0, description="dynamic sampling: most extra generation rounds per step")
+    overlong: Literal["none", "zero", "mask", "soft"] = Field(
+        "none", description="responses cut by the budget or repetition: keep, reward 0, mask from the loss, "
+                            "or DAPO's soft overlong penalty")
+    overlong_buffer: int = Field(0, ge=0, description="soft: the last N tokens of the budget, where the penalty ramps")
+    overlong_penalty: float = Field(1.0, ge=0, description="soft: the penalty at the budget")
     updates_per_batch: int = Field(16, ge=1, description="off-policy minibatch updates per generation batch (M1: 16)")
+
+    @field_validator("eps_low")
+    @classmethod
+    def _ppo_needs_eps_low(cls, v, info):
+        name = info.data.get("name")
+        if v is None and name in ("grpo", "dapo", "ppo"):
+            raise ValueError(f"{name} clips the ratio from below too; state eps_low (GRPO and DAPO use 0.2)")
+        return v
+
+    @field_validator("normalization")
+    @classmethod
+    def _default_normalization(cls, v, info):
+        # Each loss's own paper normalizes differently; an explicit recipe value wins.
+        defaults = {"cispo": "group", "cispo_masked": "group", "grpo": "sequence", "dapo": "token", "ppo": "token"}
+        return v if v is not None else defaults.get(info.data.get("name"), "group")
 
 
 class OptimConfig(Section):
@@ -52,7 +119,10 @@ class OptimConfig(Section):
 
 
 class SFTConfig(Section):
-    steps: int = Field(0, ge=0, description="supervised warm-start steps before RL (0: none)")
+    steps: int = Field(0, ge=0, description="most supervised warm-start steps before RL (0: none)")
+    stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="end the warm start once greedy eval "
+                                           "accuracy reaches this (checked every eval_every steps)")
+    eval_every: int = Field(50, ge=1, description="warm-start steps between accuracy checks")
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
 
@@ -69,6 +139,46 @@ class WandbConfig(Section):
     project: str = "cispo"
 
 
+class StagesConfig(Section):
+    """M1 80k: the budget grows 40K -> 48K -> ... -> 80K, moving on when generated-sequence perplexity has
+    converged and the 99th-percentile length nears the window (cispo.stages.advance)."""
+    windows: list[int] = Field(default_factory=list, description="response-length windows in order; the last "
+                               "equals rollout.max_new_tokens; empty: one stage at the budget")
+    p99_fraction: float = Field(0.95, gt=0, le=1, description="advance once p99 response length >= this x window")
+    plateau_steps: int = Field(10, ge=1, description="perplexity plateau: compare the mean of the last N steps "
+                               "with the N before")
+    plateau_tolerance: float = Field(0.02, ge=0, description="plateaued when that relative change is below this")
+    max_steps_per_stage: int = Field(0, ge=0, description="advance anyway after this many steps (0: never)")
+
+    @field_validator("windows")
+    @classmethod
+    def _increasing(cls, v):
+        if any(b <= a for a, b in zip(v, v[1:])) or any(w < 1 for w in v):
+            raise ValueError(f"windows must be positive and increasing, got {v}")
+        return v
+
+
+class RoleResources(Section):
+    gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU only); a rollout worker shards the model "
+                        "over its GPUs")
+    cpus: float = Field(1, ge=0, description="CPUs per actor")
+    node_resource: str | None = Field(None, description="a Ray custom resource; the role's actors each take one "
+                                      "unit, so they run only on nodes started with it (ray start --resources)")
+
+    def ray_options(self) -> dict:
+        """`.options(**...)` for this role's Ray actors."""
+        extra = {"resources": {self.node_resource: 1}} if self.node_resource else {}
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, **extra}
+
+
+class ResourcesConfig(Section):
+    nodes: int = Field(1, ge=1, description="machines in the cluster (what `cispo plan` checks the roles against)")
+    gpus_per_node: int = Field(0, ge=0)
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory per GPU; M1 trained on H800s (80 GB)")
+    rollout: RoleResources = Field(default_factory=RoleResources, description="per RolloutWorker actor")
+    trainer: RoleResources = Field(default_factory=RoleResources, description="per DeepSpeed rank actor")
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -80,6 +190,28 @@ class Recipe(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        # Checks across sections; files are checked where they are read, so a recipe for a cluster
+        # still loads (and plans) on a laptop.
+        from rewards.registry import BUILTIN
+
+        named = {"reward.name": self.reward.name, **{f"reward.sources.{k}": v for k, v in self.reward.sources.items()}}
+        for key, name in named.items():
+            if name not in BUILTIN and ":" not in name:
+                raise ValueError(f"{key}: unknown reward {name!r}; valid: {', '.join(BUILTIN)} or 'module:function'")
+        names = [s.name for s in self.data.mix()]
+        for source in self.reward.sources:
+            if source not in names:
+                raise ValueError(f"reward.sources: {source!r} is not a data source; sources: {', '.join(names)}")
+        w = self.stages.windows
+        if w and w[-1] != self.rollout.max_new_tokens:
+            raise ValueError(f"stages.windows ends at {w[-1]} but rollout.max_new_tokens is "
+                             f"{self.rollout.max_new_tokens}; the last window is the budget")
+        return self
 
 
 class RecipeError(ValueError):
@@ -90,8 +222,10 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys += _valid_keys(field.annotation, prefix + name + ".")
+        # A list of sections (data.sources) offers its items' keys without the index.
+        inner = typing.get_args(field.annotation)[0] if typing.get_origin(field.annotation) is list else field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            keys += _valid_keys(inner, prefix + name + ".")
     return keys
 
 
@@ -107,8 +241,13 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
 def _explain(err: ValidationError, where: str) -> RecipeError:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
+    if not e["loc"]:  # a check across sections (Recipe._consistent) names its own keys
+        return RecipeError(f"{where}: {e['msg'].removeprefix('Value error, ')}")
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, _valid_keys(Recipe), n=1, cutoff=0.6)
+        bare = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+        close = difflib.get_close_matches(bare, _valid_keys(Recipe), n=1, cutoff=0.6)
+        if close:  # keep the list index the recipe used: data.sources.1.wieght -> data.sources.1.weight
+            close = [".".join(key.split(".")[:-1] + close[0].split(".")[-1:])]
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return RecipeError(f"{where}: unknown key '{key}'{hint}")
     if e["type"] == "missing":

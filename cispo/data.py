@@ -1,64 +1,159 @@
-"""Prompts: generated arithmetic or JSONL rows, drawn per step from a seeded stream."""
+"""Prompts: a weighted mix of sources (generated arithmetic, GSM8K, MATH, APPS, HumanEval, plain JSONL)
+with a curriculum, drawn per step from a seeded stream."""
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from cispo.config import DataConfig, RecipeError
+from cispo.config import DataConfig, RecipeError, SourceConfig
+from rewards.math import last_boxed
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
-    answer: str
+    answer: str  # what the reward compares against: a math answer, or code tests as JSON text
+    reference: str | None = None  # a reference response for the warm start, when the data has one
+    source: str = ""  # the data source's name: picks its reward (reward.sources) and labels its metrics
 
     @property
     def target(self) -> str:
-        """The supervised response for the warm start."""
-        return f"\\boxed{{{self.answer}}}"
+        """The supervised response for the warm start: the reference, else the boxed answer."""
+        return self.reference if self.reference is not None else f"\\boxed{{{self.answer}}}"
 
 
-def arith_problems(digits: int) -> list[Prompt]:
+def arith_problems(digits: int, source: str = "arith") -> list[Prompt]:
     hi = 10**digits
-    return [Prompt(f"{a}+{b}=", str(a + b)) for a in range(hi) for b in range(hi)]
+    return [Prompt(f"{a}+{b}=", str(a + b), source=source) for a in range(hi) for b in range(hi)]
 
 
-def read_jsonl(path: str | Path) -> list[Prompt]:
-    """Rows with 'prompt'/'answer' (or GSM8K's 'question'/'answer'); a bad row names its file and line."""
+# ---------------------------------------------------------------- one row -> Prompt, per format
+# Each raises KeyError / TypeError / ValueError on a malformed row; `read_rows` names its file:line.
+
+def _jsonl(row: dict) -> Prompt:
+    text = row["prompt"] if "prompt" in row else row["question"]
+    return Prompt(str(text), str(row["answer"]).split("####")[-1].strip(), row.get("target"))
+
+
+def _gsm8k(row: dict) -> Prompt:
+    reasoning, sep, answer = row["answer"].rpartition("####")
+    if not sep:
+        raise ValueError("GSM8K answer has no '#### <number>'")
+    answer = answer.strip().replace(",", "")
+    # The <<48/2=24>> calculator annotations are not text a model should learn to write.
+    steps = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+    return Prompt(row["question"], answer, f"{steps}\n\\boxed{{{answer}}}")
+
+
+def _math(row: dict) -> Prompt:
+    answer = row.get("answer") or last_boxed(row["solution"])
+    if not answer:
+        raise ValueError("no 'answer' and no \\boxed{} in 'solution'")
+    return Prompt(row["problem"], str(answer), row.get("solution"))
+
+
+def _apps(row: dict) -> Prompt:
+    tests = row["input_output"]
+    tests = json.loads(tests) if isinstance(tests, str) else tests
+    if not tests.get("inputs") or len(tests["inputs"]) != len(tests.get("outputs", [])):
+        raise ValueError("input_output needs as many 'outputs' as 'inputs', at least one")
+    solutions = row.get("solutions") or "[]"
+    solutions = json.loads(solutions) if isinstance(solutions, str) else solutions
+    text = row["question"] + (f"\n{row['starter_code']}" if row.get("starter_code") else "")
+    return Prompt(text, json.dumps(tests), solutions[0] if solutions else None)
+
+
+def _humaneval(row: dict) -> Prompt:
+    tests = {k: row[k] for k in ("prompt", "test", "entry_point")}  # what rewards.code runs `check` with
+    return Prompt(row["prompt"], json.dumps(tests), row.get("canonical_solution"))
+
+
+LOADERS = {"jsonl": _jsonl, "gsm8k": _gsm8k, "math": _math, "apps": _apps, "humaneval": _humaneval}
+
+
+def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: bool = False) -> tuple[list[Prompt], int]:
+    """The file's prompts (.jsonl or .jsonl.gz) and how many bad rows were skipped. A bad row is an
+    error naming file:line, unless `skip_bad`."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"data file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append(Prompt(str(row.get("prompt", row.get("question"))), str(row["answer"]).split("####")[-1].strip()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise RecipeError(f"{path}:{n}: bad data row ({type(exc).__name__}: {exc})") from None
-    return rows
+    opener = gzip.open if path.suffix == ".gz" else open
+    prompts, skipped = [], 0
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = LOADERS[fmt](row)
+                if not isinstance(prompt.text, str) or not prompt.text:
+                    raise ValueError("empty prompt")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                if not skip_bad:
+                    raise RecipeError(f"{path}:{n}: bad {fmt} row ({type(exc).__name__}: {exc}); "
+                                      f"data.on_bad_row=skip skips such rows") from None
+                skipped += 1
+                continue
+            prompts.append(Prompt(prompt.text, prompt.answer, prompt.reference, source))
+    return prompts, skipped
 
 
 class PromptSource:
-    """Train and held-out eval splits; `batch(step)` depends only on (seed, step), so resume is exact."""
+    """Train and held-out eval prompts of every source; `batch(step)` depends only on (seed, stream, step),
+    so resume is exact. Which sources a batch draws from, and in what shares, follows the curriculum."""
 
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
-        if cfg.source == "arith":
-            problems = arith_problems(cfg.digits)
-            random.Random(seed).shuffle(problems)
-            self.eval, self.train = problems[:cfg.eval_size], problems[cfg.eval_size:]
-        else:
-            if cfg.path is None:
-                raise RecipeError("data.path is required when data.source is 'jsonl'")
-            self.train = read_jsonl(cfg.path)
-            self.eval = read_jsonl(cfg.eval_path)[:cfg.eval_size] if cfg.eval_path else []
-        if not self.train:
-            raise RecipeError("the training split is empty")
+        self.sources = cfg.mix()
+        self.pools: dict[str, list[Prompt]] = {}
+        self.eval: list[Prompt] = []
+        self.skipped: dict[str, int] = {}  # data file -> bad rows skipped (data.on_bad_row=skip)
+        for s in self.sources:
+            train, held_out = self._load(s)
+            if not train:
+                raise RecipeError(f"data source {s.name!r}: the training split is empty")
+            self.pools[s.name] = train
+            self.eval += held_out[:cfg.eval_size]
 
-    def batch(self, step: int, size: int | None = None, stream: int = 0) -> list[Prompt]:
+    def _load(self, s: SourceConfig) -> tuple[list[Prompt], list[Prompt]]:
+        if s.format == "arith":
+            problems = arith_problems(self.cfg.digits, s.name)
+            random.Random(self.seed).shuffle(problems)
+            return problems[self.cfg.eval_size:], problems[:self.cfg.eval_size]
+        if s.path is None:
+            raise RecipeError(f"data source {s.name!r} ({s.format}) needs a path")
+        splits = []
+        for path in (s.path, s.eval_path):
+            rows, skipped = read_rows(path, s.format, s.name, self.cfg.on_bad_row == "skip") if path else ([], 0)
+            if skipped:
+                self.skipped[path] = skipped
+            splits.append(rows)
+        return splits[0], splits[1]
+
+    @property
+    def train(self) -> list[Prompt]:
+        return [p for pool in self.pools.values() for p in pool]
+
+    def weights(self, step: int) -> dict[str, float]:
+        """Each active source's weight at `step`: zero before its start_step, then ramping up to its weight."""
+        out = {}
+        for s in self.sources:
+            ramp = 1.0 if s.ramp_steps == 0 else min(1.0, (step - s.start_step + 1) / s.ramp_steps)
+            if step >= s.start_step and s.weight * ramp > 0:
+                out[s.name] = s.weight * ramp
+        return out
+
+    def batch(self, step: int, size: int | None = None, stream: str = "rl") -> list[Prompt]:
         rng = random.Random(f"{self.seed}/{stream}/{step}")
-        return rng.sample(self.train, min(size or self.cfg.prompts_per_step, len(self.train)))
+        size = size or self.cfg.prompts_per_step
+        weights = self.weights(step)
+        if len(weights) == 1:  # one source: no draw for the shares, so single-source runs keep their order
+            counts = {next(iter(weights)): size}
+        else:
+            counts = Counter(rng.choices(list(weights), list(weights.values()), k=size))
+        return [p for name, k in counts.items() for p in rng.sample(self.pools[name], min(k, len(self.pools[name])))]

@@ -3,71 +3,77 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
 
-from cispo.advantages import group_advantages
+from cispo import checkpoint
+from cispo.advantages import advantages
 from cispo.config import Recipe, RecipeError, dump_recipe
 from cispo.data import Prompt, PromptSource
 from cispo.metrics import MetricsLog, percentile
 from cispo.trainer import Trainer
 from rewards.pool import ScoringPool
-from rewards.registry import resolve
-from rollout.engine import Request, SamplingParams
+from cispo.sampling import dynamic_sample, overlong
+from rewards.registry import build as build_reward
+from rewards.sandbox import isolation as sandbox_isolation
+from rollout.engine import Completion, Request, SamplingParams
 from rollout.model import build_char_tokenizer, build_hybrid, load_model, load_tokenizer, save_model
 from rollout.worker import RolloutWorker
 
 
 def train(recipe: Recipe) -> dict:
     start = time.perf_counter()
-    run_dir = _prepare_run_dir(recipe)
+    run_dir, resume_from = _prepare_run_dir(recipe)
     source = PromptSource(recipe.data, recipe.run.seed)
-    reward_fn = resolve(recipe.reward.name)
-    tok, model_dir = _initial_model(recipe, run_dir)
+    reward_fn = build_reward(recipe.reward)
+    tok, model_dir = _initial_model(recipe, run_dir, fresh=resume_from is None)
     workers, trainers = _start_actors(recipe, model_dir, tok.pad_token_id)
     pool = ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s)
-    log = MetricsLog(run_dir, recipe)
+    log = MetricsLog(run_dir, recipe, sandbox=sandbox_isolation() if recipe.reward.name == "code" else None)
+    stop = StopRequest()
     try:
-        if recipe.sft.steps:
-            _warm_start(recipe, source, tok, trainers)
-            _sync(trainers, workers, version=0)
-        acc_start = evaluate(recipe, source.eval, tok, workers, pool, reward_fn)
+        score = lambda: evaluate(recipe, source.eval, tok, workers, pool, reward_fn)
+        if resume_from:
+            acc_start, first_step = _resume(resume_from, trainers, workers, log)
+        else:
+            if recipe.sft.steps:
+                _warm_start(recipe, source, tok, trainers, workers, score)
+            acc_start, first_step = score(), 1
         print(f"eval accuracy before RL: {acc_start:.3f}", flush=True)
-        for step in range(1, recipe.run.max_steps + 1):
-            t0 = time.perf_counter()
-            prompts = source.batch(step)                                                    # 1. prompts
-            completions = _rollout(recipe, prompts, tok, workers, step)                     # 2. rollout
-            t1 = time.perf_counter()
-            rewards, statuses = _score(pool, reward_fn, prompts, completions, tok)          # 3. rewards
-            t2 = time.perf_counter()
-            group = torch.tensor([c.request_index for c in completions])
-            advantages = group_advantages(rewards, group)                                   # 4. advantages
-            batch = _pack(prompts, completions, advantages, group, tok, recipe.rollout.temperature)
-            stats = _train(recipe, trainers, batch, step)                                   # 5. train
-            t3 = time.perf_counter()
-            _sync(trainers, workers, version=step)                                          # 6. sync
-            t4 = time.perf_counter()
-            lengths = [len(c.token_ids) for c in completions]
-            log.log({"step": step, "reward_mean": float(rewards.mean()), **stats,           # 7. record
-                     "response_length_mean": statistics.fmean(lengths),
-                     "response_length_p99": percentile(lengths, 99),
-                     "finish_length_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                     "reward_errors": sum(s != "ok" for s in statuses),
-                     "zero_spread_groups": _zero_spread_groups(rewards, group),
-                     "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
-                     "time_sync_s": t4 - t3, "time_step_s": t4 - t0})
+        for step in range(first_step, recipe.run.max_steps + 1):
+            timer = Timer()
+            draw = lambda k, i: _collect(recipe, source.batch(step, k, stream=f"rl{i}"), tok, workers, pool, reward_fn,
+                                         (step, i), timer)
+            first = draw(recipe.data.prompts_per_step, 0)                                   # 1-3. prompts, rollout, rewards
+            groups, sampling = _dynamic_sampling(recipe, first, draw)                       # refill zero-spread groups
+            stats = {}
+            if groups:
+                batch = _batch(recipe, groups, tok)                                         # 4. advantages
+                with timer("train"):
+                    stats = _train(recipe, trainers, batch, step)                           # 5. train
+                with timer("sync"):
+                    _sync(trainers, workers, version=step)                                  # 6. sync
+            log.log({"step": step, **_rollout_metrics(first), **sampling, **stats, **timer.seconds()})  # 7. record
+            if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
+                _save(recipe, run_dir, trainers, step, acc_start)
+            if stop.requested:
+                print(f"stopped by {stop.requested} after step {step}; resume with run.resume=true", flush=True)
+                return {"interrupted": stop.requested, "steps": step}
             if recipe.run.eval_every and step % recipe.run.eval_every == 0 and step != recipe.run.max_steps:
-                print(f"eval accuracy at step {step}: "
-                      f"{evaluate(recipe, source.eval, tok, workers, pool, reward_fn):.3f}", flush=True)
-        acc_end = evaluate(recipe, source.eval, tok, workers, pool, reward_fn)
+                print(f"eval accuracy at step {step}: {score():.3f}", flush=True)
+        acc_end = score()
         ray.get(trainers[0].save_pretrained.remote(str(run_dir / "final")))
         tok.save_pretrained(run_dir / "final")
     finally:
+        stop.restore()
         log.close()
         pool.close()
     summary = {"eval_accuracy_start": acc_start, "eval_accuracy_end": acc_end, "steps": recipe.run.max_steps,
@@ -80,20 +86,24 @@ def train(recipe: Recipe) -> dict:
 
 # ---------------------------------------------------------------- the phases
 
-def _prepare_run_dir(recipe: Recipe) -> Path:
+def _prepare_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
+    """The run dir and, with run.resume, the newest complete checkpoint to continue from."""
     run_dir = Path(recipe.run.dir)
-    if recipe.run.resume:
-        raise RecipeError("run.resume=true: resuming from a checkpoint is not built yet (see the README)")
-    if (run_dir / "metrics.jsonl").exists():
-        raise RecipeError(f"run.dir {run_dir} already holds a run; choose another run.dir or delete it")
+    found = checkpoint.latest(run_dir) if recipe.run.resume else None
+    if recipe.run.resume and found is None:
+        raise RecipeError(f"run.resume=true but {run_dir} holds no complete checkpoint")
+    if not recipe.run.resume and (run_dir / "metrics.jsonl").exists():
+        raise RecipeError(f"run.dir {run_dir} already holds a run; resume it with run.resume=true, or choose another run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run_dir / "config.yaml")
-    return run_dir
+    return run_dir, found[0] if found else None
 
 
-def _initial_model(recipe: Recipe, run_dir: Path):
+def _initial_model(recipe: Recipe, run_dir: Path, fresh: bool):
     """Save the starting model and its tokenizer under run_dir/init, where every actor loads it."""
     m, model_dir = recipe.model, run_dir / "init"
+    if not fresh:  # resuming: the checkpoint holds the weights, init/ holds the architecture and tokenizer
+        return load_tokenizer(model_dir), str(model_dir)
     if m.path:
         if not Path(m.path).is_dir():
             raise RecipeError(f"model.path {m.path} is not a directory")
@@ -107,6 +117,40 @@ def _initial_model(recipe: Recipe, run_dir: Path):
     return tok, str(model_dir)
 
 
+def _save(recipe: Recipe, run_dir: Path, trainers, step: int, acc_start: float) -> None:
+    staging = checkpoint.staging_dir(run_dir, step)
+    ray.get([t.save_checkpoint.remote(str(staging)) for t in trainers])
+    checkpoint.commit(staging, {"step": step, "eval_accuracy_start": acc_start}, recipe.run.keep_last)
+
+
+def _resume(path: Path, trainers, workers, log: MetricsLog) -> tuple[float, int]:
+    """Restore every rank, republish the weights, drop metrics rows logged after the checkpoint."""
+    state = json.loads((path / checkpoint.MARKER).read_text())
+    ray.get([t.load_checkpoint.remote(str(path)) for t in trainers])
+    _sync(trainers, workers, version=state["step"])
+    log.truncate(state["step"])
+    print(f"resumed from {path} (step {state['step']})", flush=True)
+    return state["eval_accuracy_start"], state["step"] + 1
+
+
+class StopRequest:
+    """SIGTERM/SIGINT end the run after the current step, with a checkpoint, instead of losing it."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"{self.requested}: finishing step, then saving a checkpoint", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,8 +160,11 @@ def _free_port() -> int:
 def _start_actors(recipe: Recipe, model_dir: str, pad_id: int):
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
-        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
+        if os.environ.get("RAY_ADDRESS"):  # join a running cluster (launch/ray-cluster.sh, tests)
+            ray.init()
+        else:
+            actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
     threads = recipe.run.threads
     workers = [RolloutWorker.remote(model_dir, pad_id, recipe.rollout.threads or threads)
                for _ in range(recipe.rollout.num_workers)]
@@ -131,18 +178,27 @@ def _tokens(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers) -> None:
-    """Supervised steps on the reference answers, with the same DeepSpeed trainer."""
+def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, workers, score) -> None:
+    """Supervised steps on the reference answers, with the same DeepSpeed trainer.
+
+    With `sft.stop_at_accuracy`, it ends once the greedy eval accuracy reaches the target: when a
+    small model's accuracy jumps depends on thread count and numerics, the target does not.
+    """
     s, t0 = recipe.sft, time.perf_counter()
     for step in range(1, s.steps + 1):
         rows = []
-        for p in source.batch(step, s.batch_size, stream=1):
+        for p in source.batch(step, s.batch_size, stream="sft"):
             prompt = [tok.bos_token_id] + _tokens(tok, p.text)
             rows.append((prompt, _tokens(tok, p.target) + [tok.eos_token_id]))
         ids, mask = _right_pad(rows, tok.eos_token_id)
-        stats = _each_rank(trainers, "sft_step", ids, mask)
-        if step % 50 == 0 or step == s.steps:
-            print(f"sft {step}/{s.steps} loss {stats[0]['loss']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        loss = _each_rank(trainers, "sft_step", ids, mask)[0]["loss"]
+        if step % s.eval_every == 0 or step == s.steps:
+            _sync(trainers, workers, version=0)
+            accuracy = score() if s.stop_at_accuracy else float("nan")
+            print(f"sft {step}/{s.steps} loss {loss:.4f} eval accuracy {accuracy:.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            if s.stop_at_accuracy and accuracy >= s.stop_at_accuracy:
+                break
 
 
 def _right_pad(rows: list[tuple[list[int], list[int]]], filler_id: int):
@@ -186,11 +242,54 @@ def _generate(workers, requests: list[Request]):
     return sorted(completions, key=lambda c: (c.request_index, c.sample_index))
 
 
-def _rollout(recipe: Recipe, prompts: list[Prompt], tok, workers, step: int):
+@dataclass
+class Group:
+    """One prompt's G responses and their rewards."""
+    prompt: Prompt
+    completions: list[Completion]
+    rewards: torch.Tensor
+    statuses: list[str]
+
+
+class Timer:
+    """Seconds per phase within one step; repeated phases (refill draws) add up."""
+
+    def __init__(self):
+        self.start, self.spent = time.perf_counter(), {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.spent[phase] += time.perf_counter() - t0
+
+    def seconds(self) -> dict:
+        return {**{f"time_{k}_s": v for k, v in self.spent.items()}, "time_step_s": time.perf_counter() - self.start}
+
+
+def _collect(recipe: Recipe, prompts: list[Prompt], tok, workers, pool, reward_fn, key: tuple, timer: Timer):
+    """Generate n responses per prompt and score them; `key` seeds the requests (exact on resume)."""
     params = _sampling(recipe, tok, recipe.rollout.temperature)
     requests = [Request([tok.bos_token_id] + _tokens(tok, p.text), n=recipe.rollout.n_samples,
-                        seed=hash((recipe.run.seed, step, i)) % 2**31, params=params) for i, p in enumerate(prompts)]
-    return _generate(workers, requests)
+                        seed=hash((recipe.run.seed, *key, i)) % 2**31, params=params) for i, p in enumerate(prompts)]
+    with timer("rollout"):
+        completions = _generate(workers, requests)
+    with timer("reward"):
+        rewards, statuses = _score(pool, reward_fn, prompts, completions, tok)
+    n = recipe.rollout.n_samples
+    return [Group(p, completions[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], statuses[i * n:(i + 1) * n])
+            for i, p in enumerate(prompts)]
+
+
+def _dynamic_sampling(recipe: Recipe, groups: list[Group], draw) -> tuple[list[Group], dict]:
+    """DAPO's dynamic sampling (M1 uses it): groups whose rewards all agree carry no signal."""
+    a = recipe.algorithm
+    if not a.dynamic_sampling:
+        return groups, {}
+    draws = iter(range(1, a.max_refill_draws + 1))
+    kept, counts = dynamic_sample(groups, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards,
+                                  target=len(groups), max_draws=a.max_refill_draws)
+    return kept, {**counts, "trained_groups": len(kept)}
 
 
 def _score(pool: ScoringPool, reward_fn, prompts: list[Prompt], completions, tok):
@@ -199,14 +298,37 @@ def _score(pool: ScoringPool, reward_fn, prompts: list[Prompt], completions, tok
     return torch.tensor([r.score for r in results]), [r.status for r in results]
 
 
-def _pack(prompts, completions, advantages, group, tok, temperature: float) -> dict:
-    rows = [([tok.bos_token_id] + _tokens(tok, prompts[c.request_index].text), c.token_ids) for c in completions]
+def _batch(recipe: Recipe, groups: list[Group], tok) -> dict:
+    """Advantages (Eq. 2 or the recipe's estimator) and the padded training rows of the kept groups."""
+    a, r = recipe.algorithm, recipe.rollout
+    completions = [c for g in groups for c in g.completions]
+    rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [c.finish_reason for c in completions],
+                             [len(c.token_ids) for c in completions], mode=a.overlong, budget=r.max_new_tokens,
+                             buffer=a.overlong_buffer, penalty=a.overlong_penalty)
+    # A sandbox failure is the harness's fault, not the response's: train on neither outcome.
+    keep &= torch.tensor([s != "sandbox_error" for g in groups for s in g.statuses])
+    group_index = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g.completions) for g in groups]))
+    rows = [([tok.bos_token_id] + _tokens(tok, g.prompt.text), c.token_ids) for g in groups for c in g.completions]
     ids, mask = _right_pad(rows, tok.eos_token_id)
+    mask *= keep.unsqueeze(1)
     old = torch.zeros_like(mask)
     for i, ((p, _), c) in enumerate(zip(rows, completions)):
         old[i, len(p) - 1:len(p) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"input_ids": ids, "loss_mask": mask, "old_logprobs": old, "advantages": advantages,
-            "group_index": group, "temperature": temperature}
+    return {"input_ids": ids, "loss_mask": mask, "old_logprobs": old, "group_index": group_index,
+            "advantages": advantages(rewards, group_index, a.advantage), "temperature": r.temperature}
+
+
+def _rollout_metrics(groups: list[Group]) -> dict:
+    """What the first draw of the step looked like (before dynamic sampling chose groups)."""
+    completions = [c for g in groups for c in g.completions]
+    lengths = [len(c.token_ids) for c in completions]
+    statuses = [s for g in groups for s in g.statuses]
+    return {"reward_mean": float(torch.cat([g.rewards for g in groups]).mean()),
+            "response_length_mean": statistics.fmean(lengths), "response_length_p99": percentile(lengths, 99),
+            "finish_length_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "finish_repetition_fraction": sum(c.finish_reason == "repetition" for c in completions) / len(completions),
+            "zero_spread_groups": sum(int(g.rewards.max() == g.rewards.min()) for g in groups),
+            **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")}}
 
 
 def _train(recipe: Recipe, trainers, batch: dict, step: int) -> dict:
@@ -231,10 +353,6 @@ def evaluate(recipe: Recipe, prompts: list[Prompt], tok, workers, pool: ScoringP
     requests = [Request([tok.bos_token_id] + _tokens(tok, p.text), n=1, params=params) for p in prompts]
     rewards, _ = _score(pool, reward_fn, prompts, _generate(workers, requests), tok)
     return float(rewards.mean())
-
-
-def _zero_spread_groups(rewards: torch.Tensor, group: torch.Tensor) -> int:
-    return sum(int(rewards[group == g].std() == 0) for g in group.unique())
 
 
 def _time_medians(run_dir: Path) -> dict:

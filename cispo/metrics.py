@@ -19,8 +19,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, recipe: Recipe):
+    def __init__(self, run_dir: Path, recipe: Recipe, sandbox: str | None = None):
         self.path = run_dir / "metrics.jsonl"
+        # The code sandbox's isolation level goes in every row, so a weaker fallback can't go unnoticed.
+        self.constant = {"sandbox_isolation": sandbox} if sandbox else {}
         self.total = recipe.run.max_steps
         self.wandb = None
         if recipe.wandb.mode != "disabled":
@@ -31,12 +33,19 @@ class MetricsLog:
                                     config=recipe.model_dump(mode="json"), name=run_dir.name)
 
     def log(self, row: dict) -> None:
+        row = {**row, **self.constant}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
         shown = " ".join(f"{label} {row[key]:{fmt}}" for key, label, fmt in _CONSOLE if key in row)
         print(f"step {row['step']}/{self.total} {shown}", flush=True)
+
+    def truncate(self, last_step: int) -> None:
+        """On resume, drop rows of steps after the checkpoint (they will be logged again)."""
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from cispo.config import Recipe
-from cispo.loss import cispo_loss, clipped_is_weight
+from cispo.loss import loss_metrics, policy_loss
 from rollout.model import load_model, token_logprobs
 
 
@@ -85,27 +85,25 @@ class Trainer:
             mb = {k: v[part] for k, v in batch.items() if isinstance(v, torch.Tensor)}
             mask = mb["loss_mask"]
             logp, entropy = self._forward_logprobs(mb["input_ids"], batch.get("temperature", 1.0))
-            group = mb["group_index"] if a.normalization == "group" else None
-            loss = cispo_loss(logp, mb["old_logprobs"], mb["advantages"], mask, eps_high=a.eps_high,
-                              eps_low=a.eps_low, group_index=group)
-            with torch.no_grad():
-                ratio, clipped = clipped_is_weight(logp, mb["old_logprobs"], eps_high=a.eps_high, eps_low=a.eps_low)
-                on = mask.bool()
-                r = ratio[on]
-                for key, value in {
-                    "loss": loss.item(),
-                    "clip_fraction": float((clipped[on] != r).float().mean()),
-                    "is_weight_mean": float(r.mean()),
-                    "is_weight_max": float(r.max()),
-                    "entropy": float(entropy[on].mean()),
-                    "approx_kl": float(((r - 1) - r.log()).mean()),
-                }.items():
-                    stats.setdefault(key, []).append(value)
+            loss = policy_loss(a.name, logp, mb["old_logprobs"], mb["advantages"], mask, eps_high=a.eps_high,
+                               eps_low=a.eps_low, normalization=a.normalization, group_index=mb["group_index"])
+            figures = loss_metrics(logp, mb["old_logprobs"], mb["advantages"], mask, entropy,
+                                   eps_high=a.eps_high, eps_low=a.eps_low)
+            for key, value in {"loss": loss.item(), **figures}.items():
+                stats.setdefault(key, []).append(value)
             stats.setdefault("grad_norm", []).append(self._step(loss))
         out = {k: (max(v) if k == "is_weight_max" else sum(v) / len(v)) for k, v in stats.items()}
         out["skipped_steps"] = self.skipped_steps
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
+
+    def save_checkpoint(self, path: str) -> None:
+        counters = {"rl_updates": self.rl_updates, "skipped_steps": self.skipped_steps}
+        self.engine.save_checkpoint(path, tag="state", client_state=counters, save_latest=False)
+
+    def load_checkpoint(self, path: str) -> None:
+        _, counters = self.engine.load_checkpoint(path, tag="state")
+        self.rl_updates, self.skipped_steps = counters["rl_updates"], counters["skipped_steps"]
 
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}

@@ -23,6 +23,9 @@ class RewardResult:
 
 
 def _serve(fd: int) -> None:
+    from rewards.plugins import call_reward
+    from rewards.sandbox import SandboxFailure
+
     conn = Connection(fd)
     while True:
         try:
@@ -31,12 +34,17 @@ def _serve(fd: int) -> None:
             return
         if msg is None:
             return
-        fn, args = msg
+        fn, args, n = msg
         try:
-            conn.send(RewardResult(float(fn(*args)), "ok"))
+            scores = call_reward(fn, *args)
+            scores = [float(x) for x in scores] if getattr(fn, "batched", False) else [float(scores)]
+            if len(scores) != n:
+                raise ValueError(f"a batched reward returned {len(scores)} scores for {n} samples")
+            conn.send([RewardResult(x, "ok") for x in scores])
         except Exception as exc:  # a user's reward may raise anything; report it, keep serving
+            status = "sandbox_error" if isinstance(exc, SandboxFailure) else "error"
             last = traceback.extract_tb(exc.__traceback__)[-1]
-            conn.send(RewardResult(0.0, "error", f"{type(exc).__name__}: {exc} ({last.filename}:{last.lineno})"))
+            conn.send([RewardResult(0.0, status, f"{type(exc).__name__}: {exc} ({last.filename}:{last.lineno})")] * n)
 
 
 class _Worker:
@@ -50,7 +58,7 @@ class _Worker:
                                      env={**os.environ, "PYTHONPATH": path})
         child.close()
         self.conn = Connection(ours.detach())
-        self.job: int | None = None
+        self.job: tuple[list[int], tuple] | None = None  # (item indices, arguments)
         self.deadline = 0.0
 
     def kill(self) -> None:
@@ -67,13 +75,21 @@ class ScoringPool:
         self._workers = [_Worker() for _ in range(num_workers)]
 
     def map(self, fn, items: list[tuple]) -> list[RewardResult]:
+        """`fn(*item)` for each item. A batched reward (`fn.batched`, see `rewards.plugins`) gets
+        one call per worker with the items' columns as lists, and a limit of timeout_s per item."""
+        if getattr(fn, "batched", False):
+            chunks = [list(range(len(items)))[w::len(self._workers)] for w in range(len(self._workers))]
+            jobs = [(c, tuple(map(list, zip(*[items[i] for i in c])))) for c in chunks if c]
+        else:
+            jobs = [([i], item) for i, item in enumerate(items)]
         results: list[RewardResult | None] = [None] * len(items)
-        pending = list(range(len(items)))[::-1]
+        pending = jobs[::-1]
         while pending or any(w.job is not None for w in self._workers):
             for w in self._workers:
                 if w.job is None and pending:
-                    w.job, w.deadline = pending.pop(), time.monotonic() + self.timeout_s
-                    w.conn.send((fn, items[w.job]))
+                    w.job = pending.pop()
+                    w.deadline = time.monotonic() + self.timeout_s * len(w.job[0])
+                    w.conn.send((fn, w.job[1], len(w.job[0])))
             busy = [w for w in self._workers if w.job is not None]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)
@@ -82,15 +98,18 @@ class ScoringPool:
                     continue
                 if w.conn in ready:
                     try:
-                        results[w.job] = w.conn.recv()
+                        out = w.conn.recv()
                     except EOFError:  # the scorer killed its own process
-                        results[w.job] = RewardResult(0.0, "error", f"scoring process died (exit {w.proc.poll()})")
+                        out = [RewardResult(0.0, "error", f"scoring process died (exit {w.proc.poll()})")] * len(w.job[0])
                         self._replace(i)
-                        continue
-                    w.job = None
                 elif time.monotonic() >= w.deadline:
-                    results[w.job] = RewardResult(0.0, "timeout", f"no result within {self.timeout_s}s")
+                    out = [RewardResult(0.0, "timeout", f"no result within {self.timeout_s}s per sample")] * len(w.job[0])
                     self._replace(i)
+                else:
+                    continue
+                for j, r in zip(w.job[0], out):  # `w` is the old worker even if it was replaced
+                    results[j] = r
+                w.job = None
         return results
 
     def _replace(self, i: int) -> None:

@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM, PreTrainedTokenizerFast
+from transformers.cache_utils import DynamicLayer
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 # Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated.
@@ -44,18 +46,63 @@ def build_hybrid(preset: str, vocab_size: int, **overrides) -> MiniMaxForCausalL
     # `eager` experts: the default grouped_mm backend gave NaN grads when an expert got no tokens (DESIGN §9).
     config = MiniMaxConfig(vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)
     config._experts_implementation = "eager"
-    return MiniMaxForCausalLM(config)
+    model = MiniMaxForCausalLM(config)
+    if config.pad_token_id is not None:
+        # The pad row starts at zero; a sampled pad token then makes an all-zero row in layer 0's
+        # lightning attention, whose backward gave inf/NaN gradients (measured). A random row avoids it.
+        with torch.no_grad():
+            model.model.embed_tokens.weight[config.pad_token_id].normal_(0.0, config.initializer_range)
+    return model
+
+
+class GrowingLayer(DynamicLayer):
+    """A softmax layer's KV that writes into spare capacity instead of concatenating.
+
+    Upstream `DynamicLayer.update` concatenates, copying the whole KV for every decoded token, so a
+    softmax layer's per-token cost grows with context; here a copy happens once per 25% of growth.
+    `keys`/`values` stay views of the stores, so upstream code reading them is unchanged.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.set(key_states[..., :0, :], value_states[..., :0, :])
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.key_store.shape[-2]:
+            self.set(self.keys, self.values, room=key_states.shape[-2])
+        self.key_store[..., start:end, :] = key_states
+        self.value_store[..., start:end, :] = value_states
+        self.keys, self.values = self.key_store[..., :end, :], self.value_store[..., :end, :]
+        return self.keys, self.values
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
+        """Replace the contents with `keys`/`values` [B, heads, T, d], keeping spare capacity after them."""
+        length = keys.shape[-2]
+        capacity = length + room + max(length // 4, 256)
+        self.key_store = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
+        self.value_store = values.new_empty((*values.shape[:2], capacity, values.shape[-1]))
+        self.key_store[..., :length, :] = keys
+        self.value_store[..., :length, :] = values
+        self.keys, self.values = self.key_store[..., :length, :], self.value_store[..., :length, :]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.set(self.keys[indices], self.values[indices])
 
 
 class HybridCache(MiniMaxCache):
-    """MiniMaxCache that measures length on the first softmax layer.
+    """MiniMaxCache that measures length on the first softmax layer, with row operations for batching.
 
     Upstream reads layer 0, which is a linear layer in M1's layout and never stores keys, so it
     reports 0 and breaks padded cached decoding and chunked prefill (DESIGN §5).
+    Rows are sequences: `select` drops finished ones, `extend` appends newly prefilled ones. Linear
+    layers hold one [heads, d, d] state per row; softmax layers hold left-padded KV of one length.
     """
 
     def __init__(self, layer_types: list[str]):
         super().__init__()
+        self.layer_class_to_replicate = GrowingLayer
         self.length_layer = layer_types.index("full_attention") if "full_attention" in layer_types else 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -65,11 +112,28 @@ class HybridCache(MiniMaxCache):
         return super().get_mask_sizes(query_length, layer_idx or self.length_layer)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select(indices)
+
+    def select(self, rows: torch.Tensor, drop_left: int = 0) -> None:
+        """Keep batch `rows` and drop the first `drop_left` positions (padding that every kept row has)."""
         # Upstream indexes `linear_cache` for every layer and fails when the last layer is softmax.
-        self.linear_cache = [s[indices] if isinstance(s, torch.Tensor) else s for s in self.linear_cache]
+        self.linear_cache = [s[rows] if isinstance(s, torch.Tensor) else s for s in self.linear_cache]
         for layer in self.layers:
             if layer.is_initialized:
-                layer.batch_select_indices(indices)
+                layer.set(layer.keys[rows, :, drop_left:], layer.values[rows, :, drop_left:])
+
+    def extend(self, other: "HybridCache") -> tuple[int, int]:
+        """Append `other`'s rows after ours. The shorter side's KV is left-padded so that both end at
+        the same position; returns the padding added to (ours, theirs), for the attention masks."""
+        length = max(self.get_seq_length(), other.get_seq_length())
+        pads = length - self.get_seq_length(), length - other.get_seq_length()
+        self.linear_cache = [torch.cat([a, b]) if isinstance(a, torch.Tensor) else a
+                             for a, b in zip(self.linear_cache, other.linear_cache)]
+        for mine, theirs in zip(self.layers, other.layers):
+            if mine.is_initialized:
+                mine.set(*(torch.cat([F.pad(a, (0, 0, pads[0], 0)), F.pad(b, (0, 0, pads[1], 0))])
+                           for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values))))
+        return pads
 
 
 def new_cache(model) -> HybridCache:
@@ -123,25 +187,73 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
-    logits = (hidden.float() @ weight.float().t()) / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """log π(target) and entropy from `hidden @ weightᵀ / temperature` in fp32, one token chunk at a time.
+
+    Only [chunk, vocab] logits ever exist: forward keeps per-token log-sum-exp and entropy, backward
+    recomputes each chunk's logits and writes the analytic gradient over them in place, which is
+    cheaper than autograd's chain of [tokens, vocab] temporaries (and exact, not approximate).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int):
+        w = weight.float()
+        logp, entropy, lse = (hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(3))
+        for i in range(0, hidden.shape[0], chunk):
+            s = slice(i, i + chunk)
+            z = (hidden[s].float() @ w.t()).div_(temperature)
+            target_logit = z.gather(1, targets[s, None]).squeeze(1)
+            # A stable log-sum-exp done in place (torch.logsumexp would allocate a second [chunk, vocab]).
+            top = z.amax(-1, keepdim=True)
+            p = z.sub_(top).exp_()
+            total = p.sum(-1, keepdim=True)
+            lse[s] = (top + total.log()).squeeze(1)
+            logp[s] = target_logit - lse[s]
+            entropy[s] = -p.div_(total).xlogy_(p).sum(-1)  # −Σ p log p
+            del z, p  # free this chunk's logits before the next chunk's matmul allocates its own
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None
+        w, t = weight.float(), ctx.temperature
+        # d log p_y / dz = onehot_y − p;  dH/dz = −p (log p + H);  both divided by T for the raw logits.
+        g = (g_logp if g_logp is not None else torch.zeros_like(lse)) / t
+        g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        g_weight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            s = slice(i, i + ctx.chunk)
+            h = hidden[s].float()
+            z = (h @ w.t()).div_(t).sub_(lse[s, None])  # log p, recomputed
+            if g_entropy is None:
+                grad = z.exp_().mul_(-g[s, None])
+            else:
+                p = torch.exp(z)
+                grad = z.add_(entropy[s, None]).mul_(g_entropy[s, None] / t).add_(g[s, None]).mul_(p).neg_()
+                del p
+            grad.scatter_add_(1, targets[s, None], g[s, None])
+            if g_hidden is not None:
+                g_hidden[s] = grad @ w
+            if g_weight is not None:
+                g_weight.addmm_(grad.t(), h)
+            del z, grad
+        return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   temperature: float = 1.0, chunk_tokens: int = 4096):
+                   temperature: float = 1.0, chunk_tokens: int = 1024):
     """Per-token log π(target) and entropy from the fp32 head, chunked over tokens.
 
-    Each chunk is recomputed in backward (activation checkpointing), so the extra peak memory is
-    O(chunk_tokens × vocab) rather than O(tokens × vocab); the gradient is the exact one.
+    Extra peak memory is O(chunk_tokens × vocab) rather than O(tokens × vocab) — at M1's vocabulary
+    an 80k-token response would need tens of GB of logits — and the gradient is the exact one.
+    `hidden` is [..., H], `weight` the [vocab, H] LM head and `targets` [...]; both outputs are fp32,
+    shaped like `targets`.
     """
-    from torch.utils.checkpoint import checkpoint
-
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    parts = [checkpoint(_chunk_logprobs, flat_h[i:i + chunk_tokens], weight, flat_t[i:i + chunk_tokens],
-                        temperature, use_reentrant=False)
-             for i in range(0, flat_h.shape[0], chunk_tokens)]
-    logp, entropy = (torch.cat(x).view_as(targets) for x in zip(*parts))
-    return logp, entropy
+    logp, entropy = _ChunkedHeadLogprobs.apply(flat_h, weight, flat_t, float(temperature), chunk_tokens)
+    return logp.view_as(targets), entropy.view_as(targets)

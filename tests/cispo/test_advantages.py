@@ -1,0 +1,32 @@
+"""Advantages (M1 Eq. 2 and its variants), checked against the formulas written out by hand."""
+import pytest
+import torch
+
+from cispo.advantages import advantages, group_advantages
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5])
+GROUP = torch.tensor([7, 7, 7, 3, 3, 9, 9, 9])  # group ids need not be sorted or contiguous
+
+
+def test_eq2_uses_group_mean_and_unbiased_std():
+    a = group_advantages(REWARDS, GROUP)
+    first = REWARDS[:3]
+    expected = (first - first.mean()) / first.std()  # torch's std is the unbiased one
+    assert torch.allclose(a[:3], expected, atol=1e-5)
+    assert torch.equal(a[3:], torch.zeros(5))  # groups whose rewards agree carry no signal
+
+
+def test_no_std_only_centres():
+    a = advantages(REWARDS, GROUP, "no_std")
+    assert torch.allclose(a[:3], torch.tensor([2 / 3, -1 / 3, -1 / 3]))
+
+
+def test_leave_one_out_subtracts_the_mean_of_the_others():
+    rewards, group = torch.tensor([3.0, 1.0, 2.0, 6.0, 4.0]), torch.tensor([0, 0, 0, 1, 1])
+    expected = torch.tensor([3 - 1.5, 1 - 2.5, 2 - 2.0, 6 - 4.0, 4 - 6.0])
+    assert torch.allclose(advantages(rewards, group, "leave_one_out"), expected)
+
+
+def test_unknown_estimator_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: group_std, no_std, leave_one_out"):
+        advantages(REWARDS, GROUP, "gae")

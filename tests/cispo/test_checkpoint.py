@@ -1,0 +1,78 @@
+"""Checkpoints: torn ones are skipped; a run killed with SIGKILL resumes to identical metrics."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cispo import checkpoint
+from cispo.metrics import read_metrics
+from tests.conftest import REPO
+
+
+def _fake(run_dir, step, committed=True, suffix=""):
+    path = run_dir / "ckpt" / f"step-{step:06d}{suffix}"
+    path.mkdir(parents=True)
+    (path / "weights.bin").write_bytes(b"x")
+    if committed:
+        (path / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_torn_checkpoints_are_skipped_and_old_ones_pruned(tmp_path):
+    good = _fake(tmp_path, 2)
+    _fake(tmp_path, 3, committed=False)          # died before the controller state was written
+    _fake(tmp_path, 4, suffix=".tmp")            # died before the rename
+    with pytest.warns(UserWarning, match="torn checkpoint"):
+        path, state = checkpoint.latest(tmp_path)
+    assert path == good and state == {"step": 2}
+    staging = checkpoint.staging_dir(tmp_path, 5)
+    (staging / "weights.bin").write_bytes(b"y")
+    with pytest.warns(UserWarning):
+        final = checkpoint.commit(staging, {"step": 5}, keep_last=1)
+    assert final.name == "step-000005" and not good.exists()
+
+
+ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=20",
+        "sft.lr=3e-3", "run.save_every=1", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled"]
+
+
+def _cli(run_dir, *extra, ray_address):
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    return subprocess.Popen([sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", *ARGS,
+                             f"run.dir={run_dir}", *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith("time_")}
+
+
+def test_sigkilled_run_resumes_to_identical_metrics(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    whole = _cli(tmp_path / "whole", "run.max_steps=6", ray_address=address)
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out
+
+    killed = _cli(tmp_path / "killed", "run.max_steps=6", ray_address=address)
+    ckpt = tmp_path / "killed" / "ckpt" / "step-000002"
+    deadline = time.monotonic() + 600
+    while not (ckpt / checkpoint.MARKER).exists():
+        assert killed.poll() is None and time.monotonic() < deadline, killed.stdout.read()
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    resumed = _cli(tmp_path / "killed", "run.max_steps=6", "run.resume=true", ray_address=address)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    expected, got = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in got] == list(range(1, 7))
+    resumed_from = int(out.split("(step ")[1].split(")")[0])
+    assert resumed_from >= 2
+    for want, have in zip(expected[resumed_from:], got[resumed_from:]):
+        assert _comparable(have) == _comparable(want)

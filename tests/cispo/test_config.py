@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+
+from cispo.config import RecipeError, load_recipe
+from tests.conftest import REPO
+
+RECIPE = REPO / "recipes" / "tiny-arith.yaml"
+
+
+def test_recipe_loads_with_paper_defaults_and_overrides():
+    r = load_recipe(RECIPE, ["run.max_steps=7", "run.dir=/tmp/x", "algorithm.eps_high=2.5"])
+    assert (r.run.max_steps, r.run.dir, r.algorithm.eps_high) == (7, "/tmp/x", 2.5)
+    assert r.algorithm.eps_low is None and r.optim.betas == (0.9, 0.95) and r.optim.eps == 1e-15
+
+
+def test_misspelled_key_names_it_and_suggests_the_right_one(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.read_text().replace("temperature:", "temprature:"))
+    with pytest.raises(RecipeError, match=r"unknown key 'rollout.temprature' \(did you mean 'rollout.temperature'\?\)"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="unknown key 'run.max_step'.*'run.max_steps'"):
+        load_recipe(RECIPE, ["run.max_step=3"])
+
+
+def test_wrong_type_and_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(RecipeError, match=r"key 'run.max_steps' = 'many'"):
+        load_recipe(RECIPE, ["run.max_steps=many"])
+    with pytest.raises(RecipeError, match="recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run:\n  seed: [1, 2\n")
+    with pytest.raises(RecipeError, match="broken.yaml line .*malformed YAML"):
+        load_recipe(broken)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "recipes/missing.yaml"], "recipe file not found: recipes/missing.yaml"),
+    (["train", "recipes/tiny-arith.yaml", "rollout.temprature=0.5"], "unknown key 'rollout.temprature'"),
+])
+def test_cli_prints_one_line_error(args, expected):
+    out = subprocess.run([sys.executable, "-m", "cispo.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0]

@@ -1,0 +1,207 @@
+"""The sandbox, run for real: plain behaviour, load, and attacks (each under the outer cap)."""
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards import code, sandbox
+
+LIMITS = {"timeout_s": 1.0, "memory_mb": 256}
+STDIO_42 = {"inputs": [""], "outputs": ["42"], **LIMITS}
+
+
+def sandbox_uid_processes() -> list[int]:
+    """Host processes running as any sandbox worker uid."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            uid = int(Path(f"/proc/{name}/status").read_text().split("\nUid:")[1].split()[0])
+        except (OSError, IndexError):
+            continue
+        if sandbox.UID_BASE <= uid < sandbox.UID_BASE + sandbox.UID_COUNT:
+            found.append(int(name))
+    return found
+
+
+def assert_host_fine():
+    assert subprocess.run(["true"]).returncode == 0, "the host cannot start a process"
+    assert not sandbox_uid_processes(), "sandboxed processes outlived their run"
+    assert sandbox.run("print('still works')", **LIMITS).stdout == "still works\n"
+
+
+def test_program_io_status_and_cpu_time():
+    r = sandbox.run("import sys\nprint(sys.stdin.read().upper(), end='')", "abc\n", **LIMITS)
+    assert (r.status, r.stdout, r.exit_code) == ("ok", "ABC\n", 0)
+    r = sandbox.run("raise ValueError('boom')", **LIMITS)
+    assert r.status == "error" and r.exit_code == 1 and "ValueError: boom" in r.stderr
+    r = sandbox.run("s = 0\nfor i in range(3_000_000): s += i\nprint(s)", **LIMITS)
+    assert r.status == "ok" and 0.05 < r.cpu_s < 1.0
+
+
+def test_full_isolation_where_root_and_bubblewrap():
+    if os.geteuid() != 0 or not shutil.which("bwrap"):
+        pytest.skip("full isolation needs root and bubblewrap")
+    assert sandbox.isolation() == "bwrap"
+    r = sandbox.run("import os\nprint(os.getuid(), sorted(os.listdir('/')), dict(os.environ))", **LIMITS)
+    uid, rest = r.stdout.split(" ", 1)
+    assert sandbox.UID_BASE <= int(uid) < sandbox.UID_BASE + sandbox.UID_COUNT
+    assert "'home'" not in rest and "'etc'" not in rest and "'root'" in rest  # /root holds only the interpreter
+
+
+def test_harness_failure_is_sandbox_error_not_a_program_error():
+    # A limit setrlimit cannot take fails the harness's own set-up, before the program starts.
+    r = sandbox.run("print(1)", timeout_s=1.0, memory_mb=2**50)
+    assert r.status == "sandbox_error" and "set up" in r.detail
+
+
+def test_a_dead_server_is_replaced():
+    sandbox.run("print(1)", **LIMITS)
+    for server in sandbox._idle:
+        server.proc.kill()
+        server.proc.wait()
+    assert sandbox.run("print(2)", **LIMITS).stdout == "2\n"
+
+
+def test_twice_as_many_programs_as_cores_give_no_false_timeouts():
+    # Each program needs ~0.3 s of CPU against a 2 s limit; 2x cores run at once, three rounds.
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint('done')"
+    results = []
+
+    def worker():
+        for _ in range(3):
+            results.append(sandbox.run(burn, timeout_s=2.0, memory_mb=256).status)
+
+    threads = [threading.Thread(target=worker) for _ in range(2 * os.cpu_count())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["ok"] * len(results)
+
+
+def test_a_timeout_is_retried_alone_and_then_stands():
+    start = time.monotonic()
+    r = sandbox.run("while True: pass", **LIMITS)
+    assert r.status == "timeout" and r.cpu_s >= 0.8
+    assert time.monotonic() - start < 2 * (sandbox.WALL_FACTOR * LIMITS["timeout_s"] + 2)
+
+
+# ---- attacks: each under the outer cap, each ending with the host unharmed and a score of 0 ----
+
+@pytest.fixture
+def attack(outer_cap):
+    """Runs an attack program under the outer cap; checks the run stayed in its limits and the host."""
+    def run(program: str, **kwargs):
+        start = time.monotonic()
+        r = sandbox.run(program, **{**LIMITS, **kwargs})
+        elapsed = time.monotonic() - start
+        assert elapsed < 2 * (sandbox.WALL_FACTOR * LIMITS["timeout_s"] + 2) + 5, f"took {elapsed:.1f}s"
+        assert code.score(f"```python\n{program}\n```", STDIO_42) == 0.0
+        assert_host_fine()
+        return r
+    return run
+
+
+def test_fork_bomb(attack):
+    r = attack("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    assert r.status in ("timeout", "error")
+
+
+def test_20_gb_allocation(attack):
+    r = attack("x = bytearray(20 * 2**30)\nprint('allocated')")
+    assert r.status == "error" and "MemoryError" in r.stderr
+
+
+def test_filling_the_disk_with_one_file_and_with_many(attack):
+    before = shutil.disk_usage("/").used
+    big = attack("f = open('big', 'wb')\nwhile True:\n    f.write(b'0' * 2**20)")
+    assert big.status == "error"
+    many = attack("n = 0\ntry:\n    while True:\n        open(f'f{n}', 'wb').write(b'0' * 2**16)\n"
+                  "        n += 1\nexcept OSError as e:\n    print(n, e)")
+    files = int(many.stdout.split()[0])
+    assert files <= sandbox.TMPFS_BYTES // 2**16 and "No space left" in many.stdout
+    assert shutil.disk_usage("/").used - before < 50 << 20  # nothing reached the host's disk
+
+
+def test_infinite_loop(attack):
+    assert attack("while True: pass").status == "timeout"
+
+
+def test_connecting_to_a_listener_on_the_host(attack):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    r = attack(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')")
+    listener.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    listener.close()
+    assert r.status == "error" and "connected" not in r.stdout
+
+
+def test_reading_a_world_readable_host_file(attack):
+    secret_dir = Path(f"/tmp/cispo-secret-{os.getpid()}")
+    secret_dir.mkdir(mode=0o755)
+    try:
+        (secret_dir / "secret.txt").write_text("TOP-SECRET")
+        (secret_dir / "secret.txt").chmod(0o644)
+        r = attack(f"print(open('{secret_dir}/secret.txt').read())")
+    finally:
+        shutil.rmtree(secret_dir)
+    assert r.status == "error" and "TOP-SECRET" not in r.stdout
+
+
+def test_reading_the_parents_environment(attack, monkeypatch):
+    monkeypatch.setenv("CISPO_TEST_SECRET", "s3cr3t-token")
+    sandbox.close()  # the next server starts while the secret is set
+    r = attack("import os\nprint(dict(os.environ))\nfor p in os.listdir('/proc'):\n"
+               "    try:\n        print(open(f'/proc/{p}/environ').read())\n    except Exception:\n        pass")
+    assert "s3cr3t-token" not in r.stdout
+
+
+def test_killing_the_parent_and_everything(attack):
+    canary = subprocess.Popen(["sleep", "30"])
+    try:
+        r = attack("import os, signal\nfor target in (os.getppid(), 1, -1):\n    try:\n"
+                   "        os.kill(target, signal.SIGKILL)\n    except OSError as e:\n        print(target, e)")
+        assert canary.poll() is None, "the canary outside the sandbox was killed"
+        assert "Operation not permitted" in r.stdout  # the server is root: out of reach
+    finally:
+        canary.kill()
+        canary.wait()
+
+
+def test_a_daemon_that_would_outlive_the_run(attack):
+    marker = Path(f"/tmp/cispo-daemon-{os.getpid()}")
+    r = attack(f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               f"        time.sleep(1)\n        open('{marker}', 'w')\n    os._exit(0)\nprint('parent done')")
+    assert r.status == "ok"
+    time.sleep(1.5)
+    assert not marker.exists() and not sandbox_uid_processes()
+
+
+def test_200_mb_output_flood(attack):
+    r = attack("import sys\nchunk = 'x' * 2**20\nfor _ in range(200):\n    sys.stdout.write(chunk)")
+    assert r.status == "error" and len(r.stdout) <= sandbox.OUT_CAP
+
+
+@pytest.mark.parametrize("trick", ["import sys\nsys.exit(0)", "import os\nos._exit(0)",
+                                   "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(1)"])
+def test_exit_code_tricks(attack, trick):
+    attack(trick)  # the score of 0 is checked inside
+    fn_tests = {"fn_name": "answer", "inputs": [[]], "outputs": [42]}
+    assert code.score(f"def answer():\n    {trick.replace(chr(10), '; ')}", fn_tests) == 0.0
+
+
+def test_an_object_equal_to_everything(attack):
+    always = "class Any:\n    def __eq__(self, other):\n        return True\n"
+    attack(always + "print(Any())")
+    assert code.score(always + "def answer():\n    return Any()", {"fn_name": "answer", "inputs": [[]], "outputs": [42]}) == 0.0
+    humaneval = {"prompt": "def answer():\n    '''The answer.'''\n", "entry_point": "answer",
+                 "test": "def check(candidate):\n    assert candidate() == 42\n"}
+    assert code.score(always + "def answer():\n    return Any()", humaneval) == 0.0
+    assert code.score("def answer():\n    return 42", humaneval) == 1.0
