@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cispo.config import Recipe
+from cispo.config import Recipe, RecipeError
 from cispo.data import PromptSource
 from rewards.pool import ScoringPool
 from rewards.registry import resolve
@@ -35,16 +35,20 @@ def filter_by_pass_rate(recipe: Recipe, out: str | Path, n: int = 10, low: float
     Returns counts of kept and dropped prompts per source."""
     from rollout.engine import Request, SamplingParams, generate
 
+    data = PromptSource(recipe.data, recipe.run.seed)  # first: a missing data file fails before the model loads
     model, tok = _starting_model(recipe)
     model.eval()
     r = recipe.rollout
     params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             stop_token_ids=(tok.eos_token_id,), repetition_tokens=r.repetition_tokens,
                             repetition_prob=r.repetition_prob)
-    data, size, counts = PromptSource(recipe.data, recipe.run.seed), recipe.data.prompts_per_step, {}
+    size, counts = recipe.data.prompts_per_step, {}
     with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as pool, open(out, "w") as f:
         for name, prompts in data.pools.items():
-            reward = resolve(recipe.reward.sources.get(name, recipe.reward.name))
+            try:
+                reward = resolve(recipe.reward.sources.get(name, recipe.reward.name))
+            except ValueError as exc:  # a 'module:function' that does not import
+                raise RecipeError(str(exc)) from None
             kept = 0
             for start in range(0, len(prompts), size):
                 chunk = prompts[start:start + size]

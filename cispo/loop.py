@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -18,10 +19,11 @@ from cispo import checkpoint
 from cispo.advantages import advantages
 from cispo.config import Recipe, RecipeError, dump_recipe
 from cispo.data import Prompt, PromptSource
-from cispo.metrics import MetricsLog, percentile
+from cispo.metrics import MetricsLog, percentile, read_metrics
 from cispo.trainer import Trainer
 from rewards.pool import ScoringPool
 from cispo.sampling import dynamic_sample, overlong
+from cispo.stages import advance
 from rewards.registry import build as build_reward
 from rewards.sandbox import isolation as sandbox_isolation
 from rollout.engine import Completion, Request, SamplingParams
@@ -33,14 +35,14 @@ def train(recipe: Recipe) -> dict:
     start = time.perf_counter()
     run_dir, resume_from = _prepare_run_dir(recipe)
     source = PromptSource(recipe.data, recipe.run.seed)
-    reward_fn = build_reward(recipe.reward)
+    reward_fns = {name: build_reward(recipe.reward, name) for name in source.pools}
     tok, model_dir = _initial_model(recipe, run_dir, fresh=resume_from is None)
     workers, trainers = _start_actors(recipe, model_dir, tok.pad_token_id)
     pool = ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s)
     log = MetricsLog(run_dir, recipe, sandbox=sandbox_isolation() if recipe.reward.name == "code" else None)
     stop = StopRequest()
     try:
-        score = lambda: evaluate(recipe, source.eval, tok, workers, pool, reward_fn)
+        score = lambda: evaluate(recipe, source.eval, tok, workers, pool, reward_fns)
         if resume_from:
             acc_start, first_step = _resume(resume_from, trainers, workers, log)
         else:
@@ -48,20 +50,26 @@ def train(recipe: Recipe) -> dict:
                 _warm_start(recipe, source, tok, trainers, workers, score)
             acc_start, first_step = score(), 1
         print(f"eval accuracy before RL: {acc_start:.3f}", flush=True)
+        rows = read_metrics(run_dir) if resume_from else []
         for step in range(first_step, recipe.run.max_steps + 1):
             timer = Timer()
-            draw = lambda k, i: _collect(recipe, source.batch(step, k, stream=f"rl{i}"), tok, workers, pool, reward_fn,
-                                         (step, i), timer)
+            window, reason = advance(rows, recipe.stages) if recipe.stages.windows else (recipe.rollout.max_new_tokens, None)
+            if reason:
+                print(f"stage: window -> {window} tokens ({reason})", flush=True)
+            draw = lambda k, i: _collect(recipe, source.batch(step, k, stream=f"rl{i}"), tok, workers, pool, reward_fns,
+                                         (step, i), timer, window)
             first = draw(recipe.data.prompts_per_step, 0)                                   # 1-3. prompts, rollout, rewards
             groups, sampling = _dynamic_sampling(recipe, first, draw)                       # refill zero-spread groups
             stats = {}
             if groups:
-                batch = _batch(recipe, groups, tok)                                         # 4. advantages
+                batch = _batch(recipe, groups, tok, window)                                 # 4. advantages
                 with timer("train"):
                     stats = _train(recipe, trainers, batch, step)                           # 5. train
                 with timer("sync"):
                     _sync(trainers, workers, version=step)                                  # 6. sync
-            log.log({"step": step, **_rollout_metrics(first), **sampling, **stats, **timer.seconds()})  # 7. record
+            rows.append({"step": step, "window": window, "stage_reason": reason, **_rollout_metrics(first),  # 7. record
+                         **sampling, **stats, **timer.seconds()})
+            log.log(rows[-1])
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
                 _save(recipe, run_dir, trainers, step, acc_start)
             if stop.requested:
@@ -166,10 +174,12 @@ def _start_actors(recipe: Recipe, model_dir: str, pad_id: int):
             actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
     threads = recipe.run.threads
-    workers = [RolloutWorker.remote(model_dir, pad_id, recipe.rollout.threads or threads)
+    placement = recipe.resources
+    workers = [RolloutWorker.options(**placement.rollout.ray_options()).remote(model_dir, pad_id, recipe.rollout.threads or threads)
                for _ in range(recipe.rollout.num_workers)]
     port, ranks = _free_port(), recipe.trainer.num_ranks
-    trainers = [Trainer.remote(recipe.model_dump_json(), model_dir, rank, ranks, port) for rank in range(ranks)]
+    trainers = [Trainer.options(**placement.trainer.ray_options()).remote(recipe.model_dump_json(), model_dir, rank, ranks, port)
+                for rank in range(ranks)]
     ray.get([t.__ray_ready__.remote() for t in trainers + workers])
     return workers, trainers
 
@@ -223,9 +233,9 @@ def _each_rank(trainers, method: str, *tensors, **kwargs) -> list[dict]:
     return ray.get([getattr(tr, method).remote(*p, **kwargs) for tr, p in zip(trainers, parts)])
 
 
-def _sampling(recipe: Recipe, tok, temperature: float) -> SamplingParams:
+def _sampling(recipe: Recipe, tok, temperature: float, max_new_tokens: int | None = None) -> SamplingParams:
     r = recipe.rollout
-    return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
+    return SamplingParams(max_new_tokens=max_new_tokens or r.max_new_tokens, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
                           stop_token_ids=(tok.eos_token_id,), repetition_tokens=r.repetition_tokens,
                           repetition_prob=r.repetition_prob)
 
@@ -267,15 +277,17 @@ class Timer:
         return {**{f"time_{k}_s": v for k, v in self.spent.items()}, "time_step_s": time.perf_counter() - self.start}
 
 
-def _collect(recipe: Recipe, prompts: list[Prompt], tok, workers, pool, reward_fn, key: tuple, timer: Timer):
-    """Generate n responses per prompt and score them; `key` seeds the requests (exact on resume)."""
-    params = _sampling(recipe, tok, recipe.rollout.temperature)
+def _collect(recipe: Recipe, prompts: list[Prompt], tok, workers, pool, reward_fns, key: tuple, timer: Timer,
+             window: int):
+    """Generate n responses per prompt within the stage's window and score them; `key` seeds the
+    requests, so a resumed run draws exactly what the original would have."""
+    params = _sampling(recipe, tok, recipe.rollout.temperature, window)
     requests = [Request([tok.bos_token_id] + _tokens(tok, p.text), n=recipe.rollout.n_samples,
                         seed=hash((recipe.run.seed, *key, i)) % 2**31, params=params) for i, p in enumerate(prompts)]
     with timer("rollout"):
         completions = _generate(workers, requests)
     with timer("reward"):
-        rewards, statuses = _score(pool, reward_fn, prompts, completions, tok)
+        rewards, statuses = _score(pool, reward_fns, prompts, completions, tok)
     n = recipe.rollout.n_samples
     return [Group(p, completions[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], statuses[i * n:(i + 1) * n])
             for i, p in enumerate(prompts)]
@@ -292,18 +304,23 @@ def _dynamic_sampling(recipe: Recipe, groups: list[Group], draw) -> tuple[list[G
     return kept, {**counts, "trained_groups": len(kept)}
 
 
-def _score(pool: ScoringPool, reward_fn, prompts: list[Prompt], completions, tok):
+def _score(pool: ScoringPool, reward_fns: dict, prompts: list[Prompt], completions, tok):
+    """Each completion scored by its data source's reward, in the scoring processes."""
     texts = tok.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    results = pool.map(reward_fn, [(t, prompts[c.request_index].answer) for t, c in zip(texts, completions)])
+    results = [None] * len(completions)
+    for name, fn in reward_fns.items():
+        rows = [i for i, c in enumerate(completions) if prompts[c.request_index].source == name]
+        for i, r in zip(rows, pool.map(fn, [(texts[i], prompts[completions[i].request_index].answer) for i in rows])):
+            results[i] = r
     return torch.tensor([r.score for r in results]), [r.status for r in results]
 
 
-def _batch(recipe: Recipe, groups: list[Group], tok) -> dict:
+def _batch(recipe: Recipe, groups: list[Group], tok, window: int) -> dict:
     """Advantages (Eq. 2 or the recipe's estimator) and the padded training rows of the kept groups."""
     a, r = recipe.algorithm, recipe.rollout
     completions = [c for g in groups for c in g.completions]
     rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [c.finish_reason for c in completions],
-                             [len(c.token_ids) for c in completions], mode=a.overlong, budget=r.max_new_tokens,
+                             [len(c.token_ids) for c in completions], mode=a.overlong, budget=window,
                              buffer=a.overlong_buffer, penalty=a.overlong_penalty)
     # A sandbox failure is the harness's fault, not the response's: train on neither outcome.
     keep &= torch.tensor([s != "sandbox_error" for g in groups for s in g.statuses])
@@ -328,6 +345,9 @@ def _rollout_metrics(groups: list[Group]) -> dict:
             "finish_length_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "finish_repetition_fraction": sum(c.finish_reason == "repetition" for c in completions) / len(completions),
             "zero_spread_groups": sum(int(g.rewards.max() == g.rewards.min()) for g in groups),
+            # exp(−mean token logprob) of what was generated: the 80k stage rule waits for it to settle.
+            "response_perplexity": math.exp(-sum(sum(c.logprobs) for c in completions)
+                                            / max(1, sum(len(c.logprobs) for c in completions))),
             **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")}}
 
 
@@ -345,13 +365,13 @@ def _sync(trainers, workers, version: int) -> None:
     ray.get([w.update_weights.remote(state, version) for w in workers])
 
 
-def evaluate(recipe: Recipe, prompts: list[Prompt], tok, workers, pool: ScoringPool, reward_fn) -> float:
-    """Greedy accuracy on held-out prompts."""
+def evaluate(recipe: Recipe, prompts: list[Prompt], tok, workers, pool: ScoringPool, reward_fns: dict) -> float:
+    """Greedy accuracy on held-out prompts, at the full budget."""
     if not prompts:
         return float("nan")
     params = _sampling(recipe, tok, temperature=0.0)
     requests = [Request([tok.bos_token_id] + _tokens(tok, p.text), n=1, params=params) for p in prompts]
-    rewards, _ = _score(pool, reward_fn, prompts, _generate(workers, requests), tok)
+    rewards, _ = _score(pool, reward_fns, prompts, _generate(workers, requests), tok)
     return float(rewards.mean())
 
 

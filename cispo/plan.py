@@ -43,7 +43,8 @@ class Shape:
         return self.layers - self.linear_layers
 
     def params(self) -> tuple[int, int]:
-        """(total, active per token), counted the way MiniMaxForCausalLM lays out its weights."""
+        """(total, active per token), counted the way MiniMaxForCausalLM lays out its weights; active leaves
+        out the embedding and LM head, as M1's published 45.9B does."""
         d, a = self.hidden, self.heads * self.head_dim
         linear = 5 * d * a + a  # qkv, out and gate projections, and the output norm
         full = 2 * d * a + 2 * d * self.kv_heads * self.head_dim  # q, o and the grouped k, v
@@ -51,17 +52,17 @@ class Shape:
         per_layer = 2 * d + self.experts * d  # two norms and the router
         total = (self.linear_layers * linear + self.full_layers * full + self.layers * (per_layer + self.experts * expert)
                  + 2 * self.vocab * d + d)
-        return total, total - self.layers * (self.experts - self.top_k) * expert
+        return total, total - self.layers * (self.experts - self.top_k) * expert - 2 * self.vocab * d
 
     def flops_per_token(self, context: int, hybrid: bool = True) -> float:
-        """Decode FLOPs for one token at `context`: 2 per active weight (the embedding lookup is free),
-        plus mixing: softmax reads every cached position (QKᵀ and AV: 4·heads·d·context), lightning
-        updates and reads a fixed [d, d] state per head (4·heads·d²)."""
+        """Decode FLOPs for one token at `context`: 2 per active weight and LM-head weight (the embedding
+        lookup is free), plus mixing: softmax reads every cached position (QKᵀ and AV: 4·heads·d·context),
+        lightning updates and reads a fixed [d, d] state per head (4·heads·d²)."""
         _, active = self.params()
         softmax_layers = self.full_layers if hybrid else self.layers
         mixing = 4 * self.heads * self.head_dim * (softmax_layers * context
                                                    + (self.layers - softmax_layers) * self.head_dim)
-        return 2 * (active - self.vocab * self.hidden) + mixing
+        return 2 * (active + self.vocab * self.hidden) + mixing
 
 
 def r1_flops_per_token(context: int) -> float:
@@ -75,16 +76,20 @@ def model_shape(recipe: Recipe) -> tuple[Shape, str]:
     if m.path and config_json.is_file():
         cfg, where = json.loads(config_json.read_text()), f"{config_json}"
     else:
-        from rollout.model import PRESETS  # imports torch; only when the shape comes from a preset
+        # What build_hybrid would build, as a config only (imports torch, so only on this path).
+        from transformers import MiniMaxConfig
 
-        cfg = {**PRESETS[m.preset], **m.overrides}
-        cfg.setdefault("vocab_size", PRESET_VOCAB.get(m.preset, len(set(m.alphabet)) + 4))  # + 4 special tokens
+        from rollout.model import PRESETS, m1_layer_types
+
+        kwargs = {**PRESETS[m.preset], **m.overrides}
+        kwargs.setdefault("layer_types", m1_layer_types(kwargs["num_hidden_layers"]))
+        vocab = PRESET_VOCAB.get(m.preset, len(set(m.alphabet)) + 4)  # the character tokenizer's + 4 special
+        cfg = MiniMaxConfig(vocab_size=vocab, **kwargs).to_dict()
         where = f"preset {m.preset!r}" + (f" (model.path {m.path} is not here)" if m.path else "")
-    layers = cfg["num_hidden_layers"]
-    # M1's layout, as build_hybrid sets it: seven lightning layers, then one softmax layer.
-    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % 8 == 0 else "linear_attention" for i in range(layers)]
+    # MiniMax's own released config.json lists the layout as attn_type_list (1: softmax, 0: lightning).
+    types = cfg.get("layer_types") or ["full_attention" if t else "linear_attention" for t in cfg["attn_type_list"]]
     heads = cfg["num_attention_heads"]
-    return Shape(hidden=cfg["hidden_size"], layers=layers, linear_layers=types.count("linear_attention"), heads=heads,
+    return Shape(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], linear_layers=types.count("linear_attention"), heads=heads,
                  kv_heads=cfg.get("num_key_value_heads") or heads,
                  head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                  experts=cfg.get("num_local_experts", 1), top_k=cfg.get("num_experts_per_tok", 1),
@@ -161,7 +166,7 @@ def render(plan: Plan, recipe: Recipe) -> str:
     total, active = s.params()
     lines = [f"model: {s.layers} layers ({s.linear_layers} lightning, {s.full_layers} softmax), hidden {s.hidden}, "
              f"{s.experts} experts top-{s.top_k}, vocab {s.vocab:,} — from {plan.shape_source}",
-             f"  parameters: {_count(total)} total, {_count(active)} active per token",
+             f"  parameters: {_count(total)} total, {_count(active)} active per token (without embedding and head)",
              f"budget: {recipe.rollout.max_new_tokens:,} tokens" +
              (f", stage windows {' -> '.join(f'{w:,}' for w in recipe.stages.windows)}" if recipe.stages.windows else ""),
              "", f"resources (cluster: {res.nodes} node(s) x {res.gpus_per_node} GPUs, {res.gpu_memory_gb:g} GiB each)"]

@@ -98,12 +98,13 @@ class Trainer:
         return out
 
     def save_checkpoint(self, path: str) -> None:
-        counters = {"rl_updates": self.rl_updates, "skipped_steps": self.skipped_steps}
+        # Prefixed: DeepSpeed keeps its own 'skipped_steps' and drops clashing client keys on load.
+        counters = {"cispo_rl_updates": self.rl_updates, "cispo_skipped_steps": self.skipped_steps}
         self.engine.save_checkpoint(path, tag="state", client_state=counters, save_latest=False)
 
     def load_checkpoint(self, path: str) -> None:
         _, counters = self.engine.load_checkpoint(path, tag="state")
-        self.rl_updates, self.skipped_steps = counters["rl_updates"], counters["skipped_steps"]
+        self.rl_updates, self.skipped_steps = counters["cispo_rl_updates"], counters["cispo_skipped_steps"]
 
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}

@@ -1,10 +1,12 @@
-"""RolloutWorker: a Ray actor holding one model replica, generating and taking versioned weights."""
+"""Rollout on Ray: `RolloutWorker` actors each hold one model replica; `RolloutPool` spreads requests
+over them, brings every one to a new weight version, and re-runs a dead worker's requests elsewhere."""
 from __future__ import annotations
 
 import os
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from rollout.engine import Completion, Request, generate
 from rollout.model import load_model
@@ -12,17 +14,92 @@ from rollout.model import load_model
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_dir: str, pad_id: int, threads: int = 0):
+    def __init__(self, model_dir: str, pad_id: int, threads: int = 0, max_batch_rows: int = 256):
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
         torch.set_num_threads(threads or os.cpu_count())
         self.model = load_model(model_dir).eval()
-        self.pad_id = pad_id
+        self.pad_id, self.max_batch_rows = pad_id, max_batch_rows
         self.version = 0
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        return generate(self.model, requests, self.pad_id, self.version)
+        return generate(self.model, requests, self.pad_id, self.version, self.max_batch_rows)
 
     def update_weights(self, state_dict: dict, version: int) -> int:
         self.model.load_state_dict(state_dict)
         self.version = version
         return version
+
+
+def balance(requests: list[Request], workers: int) -> list[list[int]]:
+    """Request indices per worker, longest work first onto the least-loaded worker.
+
+    Work is estimated as samples x (prompt + budget) tokens. Which worker runs a request never
+    changes its output (per-request seeds), only how long the slowest worker takes.
+    """
+    shares, loads = [[] for _ in range(workers)], [0] * workers
+    cost = lambda i: requests[i].n * (len(requests[i].prompt_ids) + requests[i].params.max_new_tokens)
+    for i in sorted(range(len(requests)), key=cost, reverse=True):
+        w = loads.index(min(loads))
+        shares[w].append(i)
+        loads[w] += cost(i)
+    return [sorted(share) for share in shares]
+
+
+class RolloutPool:
+    """The controller's handle on the rollout workers.
+
+    A worker that dies (node lost, OOM, `ray.kill`) is dropped and its requests are re-run on the
+    survivors, so a step finishes as long as one worker lives; `failures` counts the workers lost.
+    """
+
+    def __init__(self, workers: list):
+        self.workers = list(workers)
+        self.version = 0
+        self.failures = 0
+
+    @classmethod
+    def start(cls, num_workers: int, model_dir: str, pad_id: int, threads: int = 0,
+              max_batch_rows: int = 256) -> RolloutPool:
+        pool = cls([RolloutWorker.remote(model_dir, pad_id, threads, max_batch_rows) for _ in range(num_workers)])
+        ray.get([w.__ray_ready__.remote() for w in pool.workers])
+        return pool
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Completions in request order, then sample order, whichever workers ran them."""
+        todo, running, done = list(range(len(requests))), {}, []
+        while todo or running:
+            if todo:
+                if not self.workers:
+                    raise RuntimeError(f"every rollout worker died ({self.failures} lost)")
+                for worker, share in zip(self.workers, balance([requests[i] for i in todo], len(self.workers))):
+                    if share:
+                        ids = [todo[j] for j in share]
+                        running[worker.generate.remote([requests[i] for i in ids])] = (worker, ids)
+                todo = []
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            worker, ids = running.pop(ref)
+            try:
+                completions = ray.get(ref)
+            except RayActorError:
+                self._drop(worker)
+                todo += ids
+                continue
+            for c in completions:
+                c.request_index = ids[c.request_index]
+            done += completions
+        return sorted(done, key=lambda c: (c.request_index, c.sample_index))
+
+    def update_weights(self, state_dict, version: int) -> None:
+        """Load new weights (a state dict or its ObjectRef) on every live worker, tagged `version`."""
+        refs = [(w, w.update_weights.remote(state_dict, version)) for w in self.workers]
+        for worker, ref in refs:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                self._drop(worker)
+        self.version = version
+
+    def _drop(self, worker) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+            self.failures += 1

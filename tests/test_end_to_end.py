@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 # One-digit addition learns fast enough for a short warm start; the seed is fixed.
 SHORT = ["data.digits=1", "data.eval_size=20", "data.prompts_per_step=8", "sft.steps=60",
-         "run.max_steps=24", "optim.lr=1e-4", "optim.warmup_steps=2", "wandb.mode=disabled"]
+         "run.max_steps=24", "optim.lr=1e-4", "optim.warmup_steps=2", "wandb.mode=disabled", "run.threads=1"]
 
 
 def test_short_run_raises_reward_and_writes_its_records(ray_session, tmp_path):
@@ -43,3 +43,18 @@ def test_short_run_raises_reward_and_writes_its_records(ray_session, tmp_path):
     run = lambda model: [c.token_ids for c in generate(model, [Request(p, params=greedy) for p in prompts], tok.pad_token_id)]
     assert run(exported) == run(trained)
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in exported.state_dict().items())
+
+
+def test_staged_recipe_advances_windows_and_logs_the_rule(ray_session, tmp_path):
+    recipe = load_recipe(REPO / "recipes/tiny-staged.yaml", [
+        "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=20",
+        "sft.stop_at_accuracy=null", "run.max_steps=8", "stages.max_steps_per_stage=3", "run.threads=1",
+        "wandb.mode=disabled", f"run.dir={tmp_path / 'staged'}"])
+    train(recipe)
+    rows = read_metrics(tmp_path / "staged")
+    windows = [r["window"] for r in rows]
+    assert windows[0] == 10 and windows[-1] == 12 and windows == sorted(windows)
+    moves = [r for prev, r in zip(rows, rows[1:]) if r["window"] != prev["window"]]
+    assert len(moves) == 2 and all(r["stage_reason"] for r in moves)
+    assert all(r["stage_reason"] is None for r in rows if r not in moves)
+    assert all(r["response_length_p99"] <= r["window"] for r in rows)

@@ -1,5 +1,6 @@
 import torch
 
+from rollout import engine
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import build_hybrid, fp32_logits
 
@@ -28,14 +29,55 @@ def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups()
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
-def test_seeded_samples_do_not_depend_on_batch_neighbours():
+def _mixed_requests(temperature):
+    """Mixed prompt lengths and budgets: short budgets leave early, so queued requests join later."""
+    budgets = [40, 6, 300, 12, 20]
+    prompts = PROMPTS + [[1] + list(range(4, 30)), [1, 4]]
+    return [Request(p, n=1 + i % 3, seed=7 * i, params=SamplingParams(max_new_tokens=b, temperature=temperature))
+            for i, (p, b) in enumerate(zip(prompts, budgets))]
+
+
+def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypatch):
     model = _model()
-    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, top_k=20)
-    together = generate(model, [Request(p, n=2, seed=10 + i, params=params) for i, p in enumerate(PROMPTS)], 0)
-    alone = generate(model, [Request(PROMPTS[1], n=2, seed=11, params=params)], 0)
-    assert [c.token_ids for c in together[2:4]] == [c.token_ids for c in alone]
+    joins = []  # rows running when a new prefill joined them
+    real_join = engine._join
+    monkeypatch.setattr(engine, "_join", lambda batch, new: joins.append(batch and len(batch.samples)) or
+                        real_join(batch, new))
+    requests = _mixed_requests(temperature=0.8)
+    out = generate(model, requests, pad_id=0, max_batch_rows=4)
+    assert sum(1 for j in joins if j) >= 2, joins  # queued requests joined running rows
+    # The 300-token request outgrows the KV's first allocation (length + 256 positions).
+    assert max(len(c.token_ids) for c in out) == 300
+    for c in out:
+        expected = _teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+        assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
+
+
+def test_outputs_do_not_depend_on_batch_composition():
+    model = _model()
+    for temperature in (0.0, 1.0):
+        requests = _mixed_requests(temperature)
+        alone = [c for i, r in enumerate(requests) for c in generate(model, [r], 0)]
+        for c, i in zip(alone, [i for i, r in enumerate(requests) for _ in range(r.n)]):
+            c.request_index = i
+        for rows in (3, 256):
+            batched = generate(model, requests, 0, max_batch_rows=rows)
+            assert [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in batched] == \
+                   [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in alone]
+
+
+def test_seeds_and_top_k_top_p_shape_samples():
+    model = _model()
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, top_k=5)
+    out = generate(model, [Request(PROMPTS[1], n=2, seed=11, params=params)], 0)
     other_seed = generate(model, [Request(PROMPTS[1], n=2, seed=12, params=params)], 0)
-    assert [c.token_ids for c in other_seed] != [c.token_ids for c in alone]
+    assert [c.token_ids for c in other_seed] != [c.token_ids for c in out]
+    for c in out:  # every sampled token was among the 5 most likely
+        ids = torch.tensor([PROMPTS[1] + c.token_ids])
+        with torch.no_grad():
+            logits = fp32_logits(model, model.model(input_ids=ids).last_hidden_state[0, len(PROMPTS[1]) - 1:-1])
+        ranks = (logits > logits.gather(1, torch.tensor(c.token_ids)[:, None])).sum(1)
+        assert (ranks < 5).all()
 
 
 def test_finish_reasons_stop_length_and_repetition():

@@ -1,0 +1,78 @@
+"""The Ray rollout pool: same outputs on 1 or 2 workers as in-process, versioned weights, failover.
+
+Two worker actors serve the whole module (each costs seconds to start); the failover test kills
+one, so it runs last.
+"""
+import threading
+
+import pytest
+import torch
+
+from rollout.engine import Request, SamplingParams, generate
+from rollout.model import load_model
+from rollout.worker import RolloutPool, balance
+
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 7], [1, 9, 10, 11, 12], [1, 4, 4]]
+
+
+def _requests(temperature: float, budget: int = 24) -> list[Request]:
+    return [Request(p, n=1 + i % 3, seed=100 + i, params=SamplingParams(max_new_tokens=budget + 8 * i,
+                                                                           temperature=temperature, top_p=0.95))
+            for i, p in enumerate(PROMPTS)]
+
+
+def _view(completions):
+    return [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def workers(ray_session, tiny_model_dir):
+    return RolloutPool.start(2, str(tiny_model_dir), pad_id=0, threads=1, max_batch_rows=4).workers
+
+
+def test_balance_spreads_work_and_covers_every_request():
+    requests = [Request([1] * 4, n=n, params=SamplingParams(max_new_tokens=b)) for n, b in [(8, 100), (1, 10), (8, 90), (2, 50)]]
+    shares = balance(requests, 2)
+    assert sorted(i for s in shares for i in s) == [0, 1, 2, 3]
+    assert 0 in shares[0] and 2 in shares[1]  # the two big requests go to different workers
+
+
+def test_one_or_two_workers_match_in_process(workers, tiny_model_dir):
+    model = load_model(tiny_model_dir).eval()
+    for temperature in (0.0, 1.0):
+        requests = _requests(temperature)
+        local = generate(model, requests, pad_id=0)
+        for pool in (RolloutPool(workers), RolloutPool(workers[:1])):
+            out = pool.generate(requests)
+            assert _view(out) == _view(local)
+            assert max(abs(a - b) for c, d in zip(out, local) for a, b in zip(c.logprobs, d.logprobs)) < 1e-5
+
+
+def test_update_weights_is_versioned(workers, tiny_model_dir):
+    pool = RolloutPool(workers)
+    model = load_model(tiny_model_dir).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    pool.update_weights(model.state_dict(), version=7)
+    out = pool.generate(_requests(1.0))
+    assert {c.weight_version for c in out} == {7} and pool.version == 7
+    assert _view(out) == _view(generate(model, _requests(1.0), pad_id=0))
+    pool.update_weights(original, version=8)
+
+
+def test_dead_worker_requests_rerun_on_survivor(workers, ray_session, tiny_model_dir):
+    pool = RolloutPool(workers)
+    requests = _requests(1.0, budget=200)
+    expected = RolloutPool(workers[:1]).generate(requests)
+    # Kill worker 1 while both are generating: its share must be re-run on worker 0.
+    victim = workers[1]
+    # A failure is only counted for a worker that died with a batch in flight, so this proves mid-batch.
+    killer = threading.Timer(0.5, ray_session.kill, args=(victim,))
+    killer.start()
+    out = pool.generate(requests)
+    killer.join()
+    assert pool.failures == 1 and pool.workers == [workers[0]]
+    assert _view(out) == _view(expected)
+    pool.update_weights(load_model(tiny_model_dir).state_dict(), version=9)  # a dead worker is skipped
+    assert {c.weight_version for c in pool.generate(requests[:1])} == {9}
