@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from cispo.config import RecipeError, load_recipe
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.recipe, args.overrides)
             from cispo.loop import train as run_training
 
-            run_training(recipe)
+            result = run_training(recipe)
+            if result.get("interrupted"):  # 128 + signal number, as a shell reports a signal
+                return 128 + signal.Signals[result["interrupted"]].value
         elif args.command == "report":
             _report(args.run_dir)
         elif args.command == "export":

@@ -47,7 +47,10 @@ def train(recipe: Recipe) -> dict:
             acc_start, first_step = _resume(resume_from, trainers, workers, log)
         else:
             if recipe.sft.steps:
-                _warm_start(recipe, source, tok, trainers, workers, score)
+                _warm_start(recipe, source, tok, trainers, workers, score, stop)
+            if stop.requested:  # no RL step ran, so there is nothing to checkpoint yet
+                print(f"stopped by {stop.requested} during the warm start; nothing to resume", flush=True)
+                return {"interrupted": stop.requested, "steps": 0}
             acc_start, first_step = score(), 1
         print(f"eval accuracy before RL: {acc_start:.3f}", flush=True)
         rows = read_metrics(run_dir) if resume_from else []
@@ -188,7 +191,7 @@ def _tokens(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, workers, score) -> None:
+def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, workers, score, stop: StopRequest) -> None:
     """Supervised steps on the reference answers, with the same DeepSpeed trainer.
 
     With `sft.stop_at_accuracy`, it ends once the greedy eval accuracy reaches the target: when a
@@ -196,6 +199,8 @@ def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, workers, sc
     """
     s, t0 = recipe.sft, time.perf_counter()
     for step in range(1, s.steps + 1):
+        if stop.requested:
+            return
         rows = []
         for p in source.batch(step, s.batch_size, stream="sft"):
             prompt = [tok.bos_token_id] + _tokens(tok, p.text)

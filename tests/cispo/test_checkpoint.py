@@ -76,3 +76,20 @@ def test_sigkilled_run_resumes_to_identical_metrics(ray_session, tmp_path):
     assert resumed_from >= 2
     for want, have in zip(expected[resumed_from:], got[resumed_from:]):
         assert _comparable(have) == _comparable(want)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(ray_session, tmp_path):
+    run = _cli(tmp_path / "run", "run.max_steps=50", "run.save_every=100",
+               ray_address=ray_session.get_runtime_context().gcs_address)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, out
+    last = read_metrics(tmp_path / "run")[-1]["step"]
+    assert "stopped by SIGTERM" in out and last < 50
+    path, state = checkpoint.latest(tmp_path / "run")
+    assert state["step"] == last and path.name == f"step-{last:06d}"
