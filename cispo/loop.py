@@ -81,7 +81,7 @@ def train(recipe: Recipe) -> dict:
             if recipe.run.eval_every and step % recipe.run.eval_every == 0 and step != recipe.run.max_steps:
                 print(f"eval accuracy at step {step}: {score():.3f}", flush=True)
         acc_end = score()
-        ray.get(trainers[0].save_pretrained.remote(str(run_dir / "final")))
+        ray.get([t.save_pretrained.remote(str(run_dir / "final")) for t in trainers])
         tok.save_pretrained(run_dir / "final")
     finally:
         stop.restore()
@@ -365,8 +365,9 @@ def _train(recipe: Recipe, trainers, batch: dict, step: int) -> dict:
 
 
 def _sync(trainers, workers, version: int) -> None:
-    # The state dict goes trainer -> object store -> workers, never through this process.
-    state = trainers[0].state_dict.remote()
+    # The state dict goes trainer -> object store -> workers, never through this process. Every
+    # rank takes part (ZeRO-3 gathers); rank 0's copy is the one published.
+    state = [t.state_dict.remote() for t in trainers][0]
     ray.get([w.update_weights.remote(state, version) for w in workers])
 
 

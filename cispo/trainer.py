@@ -31,6 +31,10 @@ def deepspeed_config(recipe: Recipe, micro_batch: int, world_size: int) -> dict:
 class Trainer:
     def __init__(self, recipe_json: str, model_dir: str, rank: int, world_size: int, master_port: int):
         self.recipe = Recipe.model_validate_json(recipe_json)
+        if self.recipe.trainer.zero_stage == 3:
+            raise NotImplementedError("trainer.zero_stage=3 is not supported yet: the fp32 head reads lm_head.weight "
+                                      "outside the module's forward, where ZeRO-3 has not gathered it; use 0-2")
+        self.rank = rank
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(master_port), DS_ACCELERATOR="cpu")
         # Ray pins actors to one thread; phases run one at a time, so let the active one use every core.
@@ -106,8 +110,22 @@ class Trainer:
         _, counters = self.engine.load_checkpoint(path, tag="state")
         self.rl_updates, self.skipped_steps = counters["cispo_rl_updates"], counters["cispo_skipped_steps"]
 
+    def _full_weights(self):
+        """Whole parameters on every rank; ZeRO-3 partitions them, so gather first (a collective:
+        every rank must call the method that uses this)."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        return deepspeed.zero.GatheredParameters(params, enabled=self.recipe.trainer.zero_stage == 3)
+
     def state_dict(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+        """The weights to publish; rank 0 returns them, the others only take part in the gather."""
+        with self._full_weights():
+            if self.rank != 0:
+                return {}
+            return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
 
     def save_pretrained(self, path: str) -> None:
-        self.engine.module.save_pretrained(path)
+        with self._full_weights():
+            if self.rank == 0:
+                self.engine.module.save_pretrained(path)

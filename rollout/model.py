@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM, PreTrainedTokenizerFast
+from transformers import AttentionInterface, AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM, PreTrainedTokenizerFast
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 # Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated.
@@ -138,6 +140,35 @@ class HybridCache(MiniMaxCache):
 
 def new_cache(model) -> HybridCache:
     return HybridCache(list(model.config.layer_types))
+
+
+def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Softmax attention for one new token per row, reading each KV head once.
+
+    A decode step is bound by reading the KV. transformers' SDPA path copies every KV head out to
+    each query head it serves when a padding mask is present (grouped-query attention), and CPU
+    SDPA is slower than two matmuls for a single query (measured 4.4 vs 3.0 ms at 32k). Prefill
+    (several tokens) goes to SDPA unchanged.
+    """
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    b, heads, _, d = query.shape
+    grouped = query.view(b, key.shape[1], heads // key.shape[1], d)  # query heads grouped by their KV head
+    scores = (grouped @ key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:  # bool [b, 1, 1, kv_length] from `sdpa_mask`
+        scores = scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf"))
+    out = torch.softmax(scores, -1) @ value
+    return out.view(b, heads, 1, d).transpose(1, 2), None
+
+
+AttentionInterface.register("decode", _decode_attention)
+AttentionMaskInterface.register("decode", sdpa_mask)
+
+
+def use_decode_attention(model) -> None:
+    """Switch a model's softmax layers to `_decode_attention`; for generation-only replicas."""
+    model.set_attn_implementation("decode")
 
 
 def fp32_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from rollout.engine import Completion, Request, generate
-from rollout.model import load_model
+from rollout.model import load_model, use_decode_attention
 
 
 @ray.remote
@@ -18,6 +18,7 @@ class RolloutWorker:
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
         torch.set_num_threads(threads or os.cpu_count())
         self.model = load_model(model_dir).eval()
+        use_decode_attention(self.model)
         self.pad_id, self.max_batch_rows = pad_id, max_batch_rows
         self.version = 0
 
@@ -60,9 +61,8 @@ class RolloutPool:
     @classmethod
     def start(cls, num_workers: int, model_dir: str, pad_id: int, threads: int = 0,
               max_batch_rows: int = 256) -> RolloutPool:
-        pool = cls([RolloutWorker.remote(model_dir, pad_id, threads, max_batch_rows) for _ in range(num_workers)])
-        ray.get([w.__ray_ready__.remote() for w in pool.workers])
-        return pool
+        # Not waited on here, so that the caller's other actors start alongside (3-6 s each).
+        return cls([RolloutWorker.remote(model_dir, pad_id, threads, max_batch_rows) for _ in range(num_workers)])
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions in request order, then sample order, whichever workers ran them."""

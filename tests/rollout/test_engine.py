@@ -1,15 +1,16 @@
+import pytest
 import torch
 
 from rollout import engine
 from rollout.engine import Request, SamplingParams, generate
-from rollout.model import build_hybrid, fp32_logits
+from rollout.model import build_hybrid, fp32_logits, use_decode_attention
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
 
 
-def _model():
+def _model(**overrides):
     torch.manual_seed(0)
-    return build_hybrid("tiny", 32).eval()
+    return build_hybrid("tiny", 32, **overrides).eval()
 
 
 def _teacher_forced(model, prompt, tokens, temperature=1.0):
@@ -29,16 +30,21 @@ def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups()
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
-def _mixed_requests(temperature):
-    """Mixed prompt lengths and budgets: short budgets leave early, so queued requests join later."""
-    budgets = [40, 6, 300, 12, 20]
+def _mixed_requests(temperature, longest=300):
+    """Mixed prompt lengths, budgets and filters: short budgets leave early, so queued requests join later."""
+    budgets = [40, 6, longest, 12, 20]
     prompts = PROMPTS + [[1] + list(range(4, 30)), [1, 4]]
-    return [Request(p, n=1 + i % 3, seed=7 * i, params=SamplingParams(max_new_tokens=b, temperature=temperature))
+    return [Request(p, n=1 + i % 3, seed=7 * i, params=SamplingParams(
+                max_new_tokens=b, temperature=temperature, top_k=8 * (i % 2), top_p=0.9 if i == 2 else 1.0))
             for i, (p, b) in enumerate(zip(prompts, budgets))]
 
 
-def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypatch):
-    model = _model()
+@pytest.mark.parametrize("attention", ["sdpa", "decode"])
+def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypatch, attention):
+    # The workers' decode attention, with grouped-query heads, against SDPA's full forward.
+    model = _model(num_key_value_heads=2)
+    if attention == "decode":
+        use_decode_attention(model)
     joins = []  # rows running when a new prefill joined them
     real_join = engine._join
     monkeypatch.setattr(engine, "_join", lambda batch, new: joins.append(batch and len(batch.samples)) or
@@ -56,7 +62,7 @@ def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypat
 def test_outputs_do_not_depend_on_batch_composition():
     model = _model()
     for temperature in (0.0, 1.0):
-        requests = _mixed_requests(temperature)
+        requests = _mixed_requests(temperature, longest=60)
         alone = [c for i, r in enumerate(requests) for c in generate(model, [r], 0)]
         for c, i in zip(alone, [i for i, r in enumerate(requests) for _ in range(r.n)]):
             c.request_index = i

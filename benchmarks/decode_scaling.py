@@ -1,0 +1,92 @@
+"""Per-token decode time vs context: the hybrid model (M1's 7:1 layout) vs an all-softmax model.
+
+Both are the "small" preset (hidden 256, 8 layers, 8 heads of 32); the softmax model sets
+`layer_types=["full_attention"] * 8`. `--kv-heads` sets grouped-query attention for both; the
+default, 1, is M1's ratio (64 query heads share 8 KV heads). A softmax layer's decode step reads
+its whole KV, so KV heads set how fast the hybrid's one softmax layer in eight grows with context. Each context is reached synthetically: the cache is filled
+with random keys/values and linear states of the right shapes (a decode step's cost does not
+depend on their values; really prefilling 32k tokens into the softmax model would take minutes
+here). Then one sequence decodes through the engine's decode step, and the median per-token time
+is reported, with the sequence's state memory (linear states + KV).
+
+    python benchmarks/decode_scaling.py [--steps 16] [--threads 1] [--kv-heads 1] [--attention decode|sdpa]
+
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from rollout.engine import _Batch, _decode
+from rollout.model import build_hybrid, fp32_logits, new_cache, use_decode_attention
+
+CONTEXTS, VOCAB = (1024, 8192, 32768), 4096
+
+
+def batch_at_context(model, context: int) -> _Batch:
+    """One sequence whose cache holds `context` positions of random state."""
+    cache = new_cache(model)
+    out = model.model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
+    cache.linear_cache = [torch.randn_like(s) * 0.01 if isinstance(s, torch.Tensor) else s for s in cache.linear_cache]
+    for layer in cache.layers:
+        if layer.is_initialized:
+            shape = (*layer.keys.shape[:2], context, layer.keys.shape[-1])
+            layer.set(torch.randn(shape), torch.randn(shape))
+    logits = fp32_logits(model, out.last_hidden_state[:, -1])
+    return _Batch(cache, torch.ones((1, context), dtype=torch.long), torch.tensor([context]), logits, [])
+
+
+def state_mib(batch: _Batch) -> float:
+    tensors = [s for s in batch.cache.linear_cache if isinstance(s, torch.Tensor)]
+    tensors += [t for layer in batch.cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+@torch.no_grad()
+def per_token_seconds(model, context: int, steps: int) -> tuple[float, float]:
+    batch = batch_at_context(model, context)
+    memory = state_mib(batch)
+    times = []
+    for step in range(steps + 3):  # 3 warm-up steps
+        t0 = time.perf_counter()
+        _decode(model, batch, batch.logits.argmax(-1))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]), memory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--attention", choices=["decode", "sdpa"], default="decode",
+                    help="softmax layers' kernel: rollout.model's decode attention (the workers') or SDPA")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = dict(num_key_value_heads=args.kv_heads)
+    models = {"hybrid": build_hybrid("small", VOCAB, **shape).eval(),
+              "softmax": build_hybrid("small", VOCAB, layer_types=["full_attention"] * 8, **shape).eval()}
+    if args.attention == "decode":
+        for model in models.values():
+            use_decode_attention(model)
+    result = {"benchmark": "decode_scaling", "attention": args.attention, "model": "small (hidden 256, 8 layers, 8 heads)",
+              "kv_heads": args.kv_heads, "vocab": VOCAB,
+              "steps": args.steps, "threads": args.threads, "state": "synthetic (random KV and linear states)"}
+    for name, model in models.items():
+        seconds, memory = zip(*(per_token_seconds(model, c, args.steps) for c in CONTEXTS))
+        for c, s, m in zip(CONTEXTS, seconds, memory):
+            result[f"{name}_ms_per_token_{c // 1024}k"] = round(s * 1e3, 2)
+            result[f"{name}_state_mib_{c // 1024}k"] = round(m, 2)
+        result[f"{name}_ratio_32k_over_1k"] = round(seconds[-1] / seconds[0], 2)
+    result["target_hybrid_ratio"] = 1.5
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
