@@ -3,11 +3,14 @@
 Both are the "small" preset (hidden 256, 8 layers, 8 heads of 32); the softmax model sets
 `layer_types=["full_attention"] * 8`. `--kv-heads` sets grouped-query attention for both; the
 default, 1, is M1's ratio (64 query heads share 8 KV heads). A softmax layer's decode step reads
-its whole KV, so KV heads set how fast the hybrid's one softmax layer in eight grows with context. Each context is reached synthetically: the cache is filled
-with random keys/values and linear states of the right shapes (a decode step's cost does not
-depend on their values; really prefilling 32k tokens into the softmax model would take minutes
-here). Then one sequence decodes through the engine's decode step, and the median per-token time
-is reported, with the sequence's state memory (linear states + KV).
+its whole KV, so KV heads set how fast the hybrid's one softmax layer in eight grows with context.
+`--attention` picks the softmax layers' kernel: `decode` (what the rollout workers use) or SDPA.
+
+Each context is reached synthetically: the cache is filled with random keys/values and linear
+states of the right shapes (a decode step's cost does not depend on their values; really
+prefilling 32k tokens into the softmax model would take minutes here). Then one sequence decodes
+through the engine's decode step; the median per-token time is reported, with the sequence's
+state memory (linear states + KV).
 
     python benchmarks/decode_scaling.py [--steps 16] [--threads 1] [--kv-heads 1] [--attention decode|sdpa]
 
@@ -75,8 +78,8 @@ def main() -> None:
     if args.attention == "decode":
         for model in models.values():
             use_decode_attention(model)
-    result = {"benchmark": "decode_scaling", "attention": args.attention, "model": "small (hidden 256, 8 layers, 8 heads)",
-              "kv_heads": args.kv_heads, "vocab": VOCAB,
+    result = {"benchmark": "decode_scaling", "model": "small (hidden 256, 8 layers, 8 heads)",
+              "kv_heads": args.kv_heads, "attention": args.attention, "vocab": VOCAB,
               "steps": args.steps, "threads": args.threads, "state": "synthetic (random KV and linear states)"}
     for name, model in models.items():
         seconds, memory = zip(*(per_token_seconds(model, c, args.steps) for c in CONTEXTS))

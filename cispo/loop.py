@@ -28,7 +28,7 @@ from rewards.registry import build as build_reward
 from rewards.sandbox import isolation as sandbox_isolation
 from rollout.engine import Completion, Request, SamplingParams
 from rollout.model import build_char_tokenizer, build_hybrid, load_model, load_tokenizer, save_model
-from rollout.worker import RolloutWorker
+from rollout.worker import RolloutPool
 
 
 def train(recipe: Recipe) -> dict:
@@ -37,17 +37,17 @@ def train(recipe: Recipe) -> dict:
     source = PromptSource(recipe.data, recipe.run.seed)
     reward_fns = {name: build_reward(recipe.reward, name) for name in source.pools}
     tok, model_dir = _initial_model(recipe, run_dir, fresh=resume_from is None)
-    workers, trainers = _start_actors(recipe, model_dir, tok.pad_token_id)
-    pool = ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s)
+    rollout, trainers = _start_actors(recipe, model_dir, tok.pad_token_id)
+    scorer = ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s)
     log = MetricsLog(run_dir, recipe, sandbox=sandbox_isolation() if recipe.reward.name == "code" else None)
     stop = StopRequest()
     try:
-        score = lambda: evaluate(recipe, source.eval, tok, workers, pool, reward_fns)
+        score = lambda: evaluate(recipe, source.eval, tok, rollout, scorer, reward_fns)
         if resume_from:
-            acc_start, first_step = _resume(resume_from, trainers, workers, log)
+            acc_start, first_step = _resume(resume_from, trainers, rollout, log)
         else:
             if recipe.sft.steps:
-                _warm_start(recipe, source, tok, trainers, workers, score, stop)
+                _warm_start(recipe, source, tok, trainers, rollout, score, stop)
             if stop.requested:  # no RL step ran, so there is nothing to checkpoint yet
                 print(f"stopped by {stop.requested} during the warm start; nothing to resume", flush=True)
                 return {"interrupted": stop.requested, "steps": 0}
@@ -59,7 +59,7 @@ def train(recipe: Recipe) -> dict:
             window, reason = advance(rows, recipe.stages) if recipe.stages.windows else (recipe.rollout.max_new_tokens, None)
             if reason:
                 print(f"stage: window -> {window} tokens ({reason})", flush=True)
-            draw = lambda k, i: _collect(recipe, source.batch(step, k, stream=f"rl{i}"), tok, workers, pool, reward_fns,
+            draw = lambda k, i: _collect(recipe, source.batch(step, k, stream=f"rl{i}"), tok, rollout, scorer, reward_fns,
                                          (step, i), timer, window)
             first = draw(recipe.data.prompts_per_step, 0)                                   # 1-3. prompts, rollout, rewards
             groups, sampling = _dynamic_sampling(recipe, first, draw)                       # refill zero-spread groups
@@ -69,9 +69,9 @@ def train(recipe: Recipe) -> dict:
                 with timer("train"):
                     stats = _train(recipe, trainers, batch, step)                           # 5. train
                 with timer("sync"):
-                    _sync(trainers, workers, version=step)                                  # 6. sync
+                    _sync(trainers, rollout, version=step)                                  # 6. sync
             rows.append({"step": step, "window": window, "stage_reason": reason, **_rollout_metrics(first),  # 7. record
-                         **sampling, **stats, **timer.seconds()})
+                         **sampling, **stats, "rollout_worker_failures": rollout.failures, **timer.seconds()})
             log.log(rows[-1])
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
                 _save(recipe, run_dir, trainers, step, acc_start)
@@ -86,7 +86,7 @@ def train(recipe: Recipe) -> dict:
     finally:
         stop.restore()
         log.close()
-        pool.close()
+        scorer.close()
     summary = {"eval_accuracy_start": acc_start, "eval_accuracy_end": acc_end, "steps": recipe.run.max_steps,
                "wall_s": time.perf_counter() - start, **_time_medians(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -134,11 +134,11 @@ def _save(recipe: Recipe, run_dir: Path, trainers, step: int, acc_start: float) 
     checkpoint.commit(staging, {"step": step, "eval_accuracy_start": acc_start}, recipe.run.keep_last)
 
 
-def _resume(path: Path, trainers, workers, log: MetricsLog) -> tuple[float, int]:
+def _resume(path: Path, trainers, rollout: RolloutPool, log: MetricsLog) -> tuple[float, int]:
     """Restore every rank, republish the weights, drop metrics rows logged after the checkpoint."""
     state = json.loads((path / checkpoint.MARKER).read_text())
     ray.get([t.load_checkpoint.remote(str(path)) for t in trainers])
-    _sync(trainers, workers, version=state["step"])
+    _sync(trainers, rollout, version=state["step"])
     log.truncate(state["step"])
     print(f"resumed from {path} (step {state['step']})", flush=True)
     return state["eval_accuracy_start"], state["step"] + 1
@@ -177,21 +177,23 @@ def _start_actors(recipe: Recipe, model_dir: str, pad_id: int):
             actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
     threads = recipe.run.threads
-    placement = recipe.resources
-    workers = [RolloutWorker.options(**placement.rollout.ray_options()).remote(model_dir, pad_id, recipe.rollout.threads or threads)
-               for _ in range(recipe.rollout.num_workers)]
+    r, placement = recipe.rollout, recipe.resources
+    rollout = RolloutPool.start(r.num_workers, model_dir, pad_id, r.threads or threads, r.max_batch_rows,
+                             options=placement.rollout.ray_options())
     port, ranks = _free_port(), recipe.trainer.num_ranks
-    trainers = [Trainer.options(**placement.trainer.ray_options()).remote(recipe.model_dump_json(), model_dir, rank, ranks, port)
-                for rank in range(ranks)]
-    ray.get([t.__ray_ready__.remote() for t in trainers + workers])
-    return workers, trainers
+    trainer = Trainer.options(**placement.trainer.ray_options())
+    trainers = [trainer.remote(recipe.model_dump_json(), model_dir, rank, ranks, port) for rank in range(ranks)]
+    nodes = ray.get([a.node.remote() for a in rollout.workers + trainers])
+    print(f"placement: rollout workers on nodes {sorted(set(nodes[:len(rollout.workers)]))}, "
+          f"trainer ranks on nodes {sorted(set(nodes[len(rollout.workers):]))}", flush=True)
+    return rollout, trainers
 
 
 def _tokens(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, workers, score, stop: StopRequest) -> None:
+def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, rollout: RolloutPool, score, stop: StopRequest) -> None:
     """Supervised steps on the reference answers, with the same DeepSpeed trainer.
 
     With `sft.stop_at_accuracy`, it ends once the greedy eval accuracy reaches the target: when a
@@ -208,7 +210,7 @@ def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, workers, sc
         ids, mask = _right_pad(rows, tok.eos_token_id)
         loss = _each_rank(trainers, "sft_step", ids, mask)[0]["loss"]
         if step % s.eval_every == 0 or step == s.steps:
-            _sync(trainers, workers, version=0)
+            _sync(trainers, rollout, version=0)
             accuracy = score() if s.stop_at_accuracy else float("nan")
             print(f"sft {step}/{s.steps} loss {loss:.4f} eval accuracy {accuracy:.3f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -245,18 +247,6 @@ def _sampling(recipe: Recipe, tok, temperature: float, max_new_tokens: int | Non
                           repetition_prob=r.repetition_prob)
 
 
-def _generate(workers, requests: list[Request]):
-    """Spread requests over the workers; completions come back in request order."""
-    shares = [list(range(i, len(requests), len(workers))) for i in range(len(workers))]
-    outs = ray.get([w.generate.remote([requests[i] for i in share]) for w, share in zip(workers, shares) if share])
-    completions = []
-    for share, out in zip(shares, outs):
-        for c in out:
-            c.request_index = share[c.request_index]
-            completions.append(c)
-    return sorted(completions, key=lambda c: (c.request_index, c.sample_index))
-
-
 @dataclass
 class Group:
     """One prompt's G responses and their rewards."""
@@ -282,7 +272,7 @@ class Timer:
         return {**{f"time_{k}_s": v for k, v in self.spent.items()}, "time_step_s": time.perf_counter() - self.start}
 
 
-def _collect(recipe: Recipe, prompts: list[Prompt], tok, workers, pool, reward_fns, key: tuple, timer: Timer,
+def _collect(recipe: Recipe, prompts: list[Prompt], tok, rollout: RolloutPool, scorer: ScoringPool, reward_fns, key: tuple, timer: Timer,
              window: int):
     """Generate n responses per prompt within the stage's window and score them; `key` seeds the
     requests, so a resumed run draws exactly what the original would have."""
@@ -290,9 +280,9 @@ def _collect(recipe: Recipe, prompts: list[Prompt], tok, workers, pool, reward_f
     requests = [Request([tok.bos_token_id] + _tokens(tok, p.text), n=recipe.rollout.n_samples,
                         seed=hash((recipe.run.seed, *key, i)) % 2**31, params=params) for i, p in enumerate(prompts)]
     with timer("rollout"):
-        completions = _generate(workers, requests)
+        completions = rollout.generate(requests)
     with timer("reward"):
-        rewards, statuses = _score(pool, reward_fns, prompts, completions, tok)
+        rewards, statuses = _score(scorer, reward_fns, prompts, completions, tok)
     n = recipe.rollout.n_samples
     return [Group(p, completions[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], statuses[i * n:(i + 1) * n])
             for i, p in enumerate(prompts)]
@@ -309,13 +299,13 @@ def _dynamic_sampling(recipe: Recipe, groups: list[Group], draw) -> tuple[list[G
     return kept, {**counts, "trained_groups": len(kept)}
 
 
-def _score(pool: ScoringPool, reward_fns: dict, prompts: list[Prompt], completions, tok):
+def _score(scorer: ScoringPool, reward_fns: dict, prompts: list[Prompt], completions, tok):
     """Each completion scored by its data source's reward, in the scoring processes."""
     texts = tok.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     results = [None] * len(completions)
     for name, fn in reward_fns.items():
         rows = [i for i, c in enumerate(completions) if prompts[c.request_index].source == name]
-        for i, r in zip(rows, pool.map(fn, [(texts[i], prompts[completions[i].request_index].answer) for i in rows])):
+        for i, r in zip(rows, scorer.map(fn, [(texts[i], prompts[completions[i].request_index].answer) for i in rows])):
             results[i] = r
     return torch.tensor([r.score for r in results]), [r.status for r in results]
 
@@ -364,20 +354,19 @@ def _train(recipe: Recipe, trainers, batch: dict, step: int) -> dict:
     return {k: statistics.fmean(s[k] for s in stats) for k in stats[0]}
 
 
-def _sync(trainers, workers, version: int) -> None:
+def _sync(trainers, rollout: RolloutPool, version: int) -> None:
     # The state dict goes trainer -> object store -> workers, never through this process. Every
     # rank takes part (ZeRO-3 gathers); rank 0's copy is the one published.
-    state = [t.state_dict.remote() for t in trainers][0]
-    ray.get([w.update_weights.remote(state, version) for w in workers])
+    rollout.update_weights([t.state_dict.remote() for t in trainers][0], version)
 
 
-def evaluate(recipe: Recipe, prompts: list[Prompt], tok, workers, pool: ScoringPool, reward_fns: dict) -> float:
+def evaluate(recipe: Recipe, prompts: list[Prompt], tok, rollout: RolloutPool, scorer: ScoringPool, reward_fns: dict) -> float:
     """Greedy accuracy on held-out prompts, at the full budget."""
     if not prompts:
         return float("nan")
     params = _sampling(recipe, tok, temperature=0.0)
     requests = [Request([tok.bos_token_id] + _tokens(tok, p.text), n=1, params=params) for p in prompts]
-    rewards, _ = _score(pool, reward_fns, prompts, _generate(workers, requests), tok)
+    rewards, _ = _score(scorer, reward_fns, prompts, rollout.generate(requests), tok)
     return float(rewards.mean())
 
 

@@ -110,6 +110,9 @@ class Trainer:
         _, counters = self.engine.load_checkpoint(path, tag="state")
         self.rl_updates, self.skipped_steps = counters["cispo_rl_updates"], counters["cispo_skipped_steps"]
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def _full_weights(self):
         """Whole parameters on every rank; ZeRO-3 partitions them, so gather first (a collective:
         every rank must call the method that uses this)."""

@@ -28,4 +28,6 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     repetition_tokens: int = Field(3000, ge=1, description="M1: stop after this many consecutive confident tokens")
     repetition_prob: float = Field(0.99, gt=0, le=1, description="what 'confident' means for the repetition stop")
+    max_batch_rows: int = Field(256, ge=1, description="sequences one worker decodes together; queued requests "
+                                "join as rows finish")
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")

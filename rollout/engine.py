@@ -201,8 +201,8 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
             new = _prefill(model, [requests[q] for q in joining], [samples[q] for q in joining], pad_id)
             batch = _join(batch, new)
         tokens, logps, probs = _sample(batch.logits, [s.params for s in batch.samples], [s.gen for s in batch.samples])
-        keep = [row for row, (s, *draw) in enumerate(zip(batch.samples, tokens.tolist(), logps.tolist(), probs.tolist()))
-                if s.record(*draw)]
+        draws = zip(batch.samples, tokens.tolist(), logps.tolist(), probs.tolist())
+        keep = [row for row, (s, *draw) in enumerate(draws) if s.record(*draw)]
         batch = _leave(batch, keep)
         if batch:
             _decode(model, batch, tokens[torch.tensor(keep, device=tokens.device)])

@@ -5,12 +5,12 @@ sequence length when layer 0 is linear (DESIGN §5), and the fp32 LM head (M1 §
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM, PreTrainedTokenizerFast
+from transformers import (AttentionInterface, AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM,
+                          PreTrainedTokenizerFast)
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

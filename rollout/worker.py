@@ -30,6 +30,9 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def balance(requests: list[Request], workers: int) -> list[list[int]]:
     """Request indices per worker, longest work first onto the least-loaded worker.
@@ -60,9 +63,11 @@ class RolloutPool:
 
     @classmethod
     def start(cls, num_workers: int, model_dir: str, pad_id: int, threads: int = 0,
-              max_batch_rows: int = 256) -> RolloutPool:
+              max_batch_rows: int = 256, options: dict | None = None) -> RolloutPool:
+        """`options` are Ray actor options (CPUs, GPUs, a node resource that places the workers)."""
         # Not waited on here, so that the caller's other actors start alongside (3-6 s each).
-        return cls([RolloutWorker.remote(model_dir, pad_id, threads, max_batch_rows) for _ in range(num_workers)])
+        actor = RolloutWorker.options(**(options or {}))
+        return cls([actor.remote(model_dir, pad_id, threads, max_batch_rows) for _ in range(num_workers)])
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions in request order, then sample order, whichever workers ran them."""

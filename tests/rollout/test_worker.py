@@ -33,7 +33,8 @@ def workers(ray_session, tiny_model_dir):
 
 
 def test_balance_spreads_work_and_covers_every_request():
-    requests = [Request([1] * 4, n=n, params=SamplingParams(max_new_tokens=b)) for n, b in [(8, 100), (1, 10), (8, 90), (2, 50)]]
+    requests = [Request([1] * 4, n=n, params=SamplingParams(max_new_tokens=b))
+                for n, b in [(8, 100), (1, 10), (8, 90), (2, 50)]]
     shares = balance(requests, 2)
     assert sorted(i for s in shares for i in s) == [0, 1, 2, 3]
     assert 0 in shares[0] and 2 in shares[1]  # the two big requests go to different workers
