@@ -243,7 +243,7 @@ def _each_rank(trainers, method: str, *tensors, **kwargs) -> list[dict]:
 def _sampling(recipe: Recipe, tok, temperature: float, max_new_tokens: int | None = None) -> SamplingParams:
     r = recipe.rollout
     return SamplingParams(max_new_tokens=max_new_tokens or r.max_new_tokens, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
-                          stop_token_ids=(tok.eos_token_id,), repetition_tokens=r.repetition_tokens,
+                          stop_token_ids=(tok.eos_token_id,), stop_strings=tuple(r.stop_strings), repetition_tokens=r.repetition_tokens,
                           repetition_prob=r.repetition_prob)
 
 

@@ -26,6 +26,8 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
+    stop_strings: list[str] = Field(default_factory=list, description="end a response when its text contains one "
+                                    "(EOS always ends it)")
     repetition_tokens: int = Field(3000, ge=1, description="M1: stop after this many consecutive confident tokens")
     repetition_prob: float = Field(0.99, gt=0, le=1, description="what 'confident' means for the repetition stop")
     max_batch_rows: int = Field(256, ge=1, description="sequences one worker decodes together; queued requests "

@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # checked on the decoded text; needs `generate(..., decode=)`
     # M1 stops a generation once this many consecutive tokens each had probability > repetition_prob.
     repetition_tokens: int = 3000
     repetition_prob: float = 0.99
@@ -60,19 +61,30 @@ class _Sample:
     confident_run: int = 0
     finish: str | None = None
 
-    def record(self, token: int, logprob: float, prob: float) -> bool:
+    def record(self, token: int, logprob: float, prob: float, decode=None) -> bool:
         """Append a sampled token; True while the sequence goes on."""
         p = self.params
         self.tokens.append(token)
         self.logprobs.append(logprob)
         self.confident_run = self.confident_run + 1 if prob > p.repetition_prob else 0
-        if token in p.stop_token_ids:
+        if token in p.stop_token_ids or self._ends_with_stop_string(decode):
             self.finish = "stop"
         elif self.confident_run >= p.repetition_tokens:
             self.finish = "repetition"
         elif len(self.tokens) >= p.max_new_tokens:
             self.finish = "length"
         return self.finish is None
+
+    def _ends_with_stop_string(self, decode) -> bool:
+        # Checked after every token, so a stop string can only end at the newest one: decoding as
+        # many tail tokens as it has characters covers it (a token decodes to at least one).
+        strings = self.params.stop_strings
+        if not strings:
+            return False
+        if decode is None:
+            raise ValueError("stop_strings need generate(..., decode=tokenizer.decode)")
+        tail = decode(self.tokens[-max(map(len, strings)):])
+        return any(s in tail for s in strings)
 
 
 @dataclass
@@ -186,7 +198,7 @@ def _admit(queue: deque, requests: list[Request], live: int, max_batch_rows: int
 
 @torch.no_grad()
 def generate(model, requests: list[Request], pad_id: int, weight_version: int = 0,
-             max_batch_rows: int = 256) -> list[Completion]:
+             max_batch_rows: int = 256, decode=None) -> list[Completion]:
     """Generate every request's n samples; returns completions in request order, then sample order.
 
     At most `max_batch_rows` sequences decode together (a request's samples are admitted together,
@@ -202,7 +214,7 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
             batch = _join(batch, new)
         tokens, logps, probs = _sample(batch.logits, [s.params for s in batch.samples], [s.gen for s in batch.samples])
         draws = zip(batch.samples, tokens.tolist(), logps.tolist(), probs.tolist())
-        keep = [row for row, (s, *draw) in enumerate(draws) if s.record(*draw)]
+        keep = [row for row, (s, *draw) in enumerate(draws) if s.record(*draw, decode)]
         batch = _leave(batch, keep)
         if batch:
             _decode(model, batch, tokens[torch.tensor(keep, device=tokens.device)])

@@ -9,7 +9,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from rollout.engine import Completion, Request, generate
-from rollout.model import load_model, use_decode_attention
+from rollout.model import load_model, load_tokenizer, use_decode_attention
 
 
 @ray.remote
@@ -21,9 +21,14 @@ class RolloutWorker:
         use_decode_attention(self.model)
         self.pad_id, self.max_batch_rows = pad_id, max_batch_rows
         self.version = 0
+        # Stop strings are matched on text, so the worker keeps the tokenizer saved beside the model.
+        self.tokenizer = load_tokenizer(model_dir)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        return generate(self.model, requests, self.pad_id, self.version, self.max_batch_rows)
+        return generate(self.model, requests, self.pad_id, self.version, self.max_batch_rows, decode=self._text)
+
+    def _text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def update_weights(self, state_dict: dict, version: int) -> int:
         self.model.load_state_dict(state_dict)

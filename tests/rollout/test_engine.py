@@ -106,3 +106,17 @@ def test_repetition_stop_triggers_on_confident_runs_only():
     assert all(c.finish_reason == "repetition" and len(c.token_ids) == 20 for c in out)
     out = generate(_model(), [Request(p, n=4, seed=2, params=params) for p in PROMPTS], 0)
     assert all(c.finish_reason == "length" and len(c.token_ids) == 200 for c in out)
+
+
+def test_stop_strings_end_generation_on_decoded_text(tiny_tokenizer):
+    from rollout.engine import _Sample
+
+    tok = tiny_tokenizer
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+    sample = _Sample(0, 0, SamplingParams(max_new_tokens=50, stop_strings=("d{",)), torch.Generator())
+    ids = tok("\\boxed{12}", add_special_tokens=False)["input_ids"]
+    going = [sample.record(t, -0.1, 0.9, decode) for t in ids[:7]]
+    assert going == [True] * 6 + [False]  # stops at the token that completes "d{"
+    assert sample.finish == "stop" and decode(sample.tokens).endswith("d{")
+    with pytest.raises(ValueError, match="decode"):
+        generate(_model(), [Request(PROMPTS[0], params=SamplingParams(stop_strings=("x",)))], 0)

@@ -1,0 +1,53 @@
+"""A 2-node Ray cluster on one machine: rollout workers and trainer ranks land on different nodes."""
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    from cispo.loop import _free_port as free
+
+    return free()
+
+
+def _kill_nodes(temp_dirs) -> None:
+    # Not `ray stop`: that would also stop the test session's own Ray instance.
+    for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]:
+        pid, args = line.strip().split(" ", 1)
+        if any(str(t) in args for t in temp_dirs):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_tiny_recipe_on_two_nodes(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head_dir, node_dir = tmp_path / "head", tmp_path / "node"
+    port = _free_port()
+    common = ["--num-cpus=2", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                        '--resources={"trainer": 2}', f"--temp-dir={head_dir}", *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", '--resources={"rollout": 2}',
+                        f"--temp-dir={node_dir}", *common], env=env, check=True, capture_output=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", f"run.dir={tmp_path / 'run'}",
+             "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=10",
+             "sft.stop_at_accuracy=null", "run.max_steps=2", "run.threads=1", "wandb.mode=disabled",
+             "resources.rollout.node_resource=rollout", "resources.trainer.node_resource=trainer"],
+            cwd=REPO, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        placed = re.search(r"rollout workers on nodes \['(\w+)'\], trainer ranks on nodes \['(\w+)'\]", out.stdout)
+        assert placed and placed.group(1) != placed.group(2), out.stdout[-2000:]
+        assert (tmp_path / "run" / "summary.json").exists()
+    finally:
+        _kill_nodes([head_dir, node_dir])
