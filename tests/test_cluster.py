@@ -1,9 +1,11 @@
 """A 2-node Ray cluster on one machine: rollout workers and trainer ranks land on different nodes."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -30,7 +32,9 @@ def _kill_nodes(temp_dirs) -> None:
 
 def test_tiny_recipe_on_two_nodes(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head_dir, node_dir = tmp_path / "head", tmp_path / "node"
+    # Short paths: Ray's unix sockets live under the temp dir, and socket paths max out at 107 bytes.
+    short = Path(tempfile.mkdtemp(prefix="cispo-", dir="/tmp"))
+    head_dir, node_dir = short / "h", short / "n"
     port = _free_port()
     common = ["--num-cpus=2", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     try:
@@ -51,3 +55,4 @@ def test_tiny_recipe_on_two_nodes(tmp_path):
         assert (tmp_path / "run" / "summary.json").exists()
     finally:
         _kill_nodes([head_dir, node_dir])
+        shutil.rmtree(short, ignore_errors=True)
