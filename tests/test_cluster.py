@@ -19,15 +19,14 @@ def _free_port() -> int:
     return free()
 
 
-def _kill_nodes(temp_dirs) -> None:
+def _kill_nodes(temp_dir: Path) -> None:
     # Not `ray stop`: that would also stop the test session's own Ray instance.
-    for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]:
-        pid, args = line.strip().split(" ", 1)
-        if any(str(t) in args for t in temp_dirs):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(temp_dir).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def test_tiny_recipe_on_two_nodes(tmp_path):
@@ -54,5 +53,5 @@ def test_tiny_recipe_on_two_nodes(tmp_path):
         assert placed and placed.group(1) != placed.group(2), out.stdout[-2000:]
         assert (tmp_path / "run" / "summary.json").exists()
     finally:
-        _kill_nodes([head_dir, node_dir])
+        _kill_nodes(short)
         shutil.rmtree(short, ignore_errors=True)
