@@ -371,6 +371,6 @@ def evaluate(recipe: Recipe, prompts: list[Prompt], tok, rollout: RolloutPool, s
 
 
 def _time_medians(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []  # none with run.max_steps=0
     keys = [k for k in (rows[0] if rows else {}) if k.startswith("time_")]
     return {f"median_{k}": statistics.median(r[k] for r in rows) for k in keys}
