@@ -15,28 +15,18 @@ from rewards.pool import ScoringPool
 from rewards.registry import resolve
 
 
-def _starting_model(recipe: Recipe):
-    import torch
-
-    from rollout.model import build_char_tokenizer, build_hybrid, load_model, load_tokenizer
-
-    m = recipe.model
-    if m.path:
-        return load_model(m.path), load_tokenizer(m.path)
-    tok = build_char_tokenizer(m.alphabet)
-    torch.manual_seed(m.seed)
-    return build_hybrid(m.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, **m.overrides), tok
-
-
 def filter_by_pass_rate(recipe: Recipe, out: str | Path, n: int = 10, low: float = 0.0, high: float = 0.9) -> dict:
     """Write the training prompts whose pass rate over `n` samples is in (low, high) to `out` as JSONL
     (`prompt`, `answer`, `target`, `source`, `pass_rate`: a `format: jsonl` source reads it back).
     Returns counts of kept and dropped prompts per source."""
     from rollout.engine import Request, SamplingParams, generate
+    from rollout.model import starting_model
 
     data = PromptSource(recipe.data, recipe.run.seed)  # first: a missing data file fails before the model loads
-    model, tok = _starting_model(recipe)
+    try:
+        model, tok = starting_model(recipe.model)
+    except FileNotFoundError as exc:
+        raise RecipeError(str(exc)) from None
     model.eval()
     r = recipe.rollout
     params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,

@@ -27,7 +27,7 @@ from cispo.stages import advance
 from rewards.registry import build as build_reward
 from rewards.sandbox import isolation as sandbox_isolation
 from rollout.engine import Completion, Request, SamplingParams
-from rollout.model import build_char_tokenizer, build_hybrid, load_model, load_tokenizer, save_model
+from rollout.model import load_tokenizer, save_model, starting_model
 from rollout.worker import RolloutPool
 
 
@@ -115,15 +115,10 @@ def _initial_model(recipe: Recipe, run_dir: Path, fresh: bool):
     m, model_dir = recipe.model, run_dir / "init"
     if not fresh:  # resuming: the checkpoint holds the weights, init/ holds the architecture and tokenizer
         return load_tokenizer(model_dir), str(model_dir)
-    if m.path:
-        if not Path(m.path).is_dir():
-            raise RecipeError(f"model.path {m.path} is not a directory")
-        tok, model = load_tokenizer(m.path), load_model(m.path)
-    else:
-        tok = build_char_tokenizer(m.alphabet)
-        torch.manual_seed(m.seed)
-        model = build_hybrid(m.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, **m.overrides)
+    try:
+        model, tok = starting_model(m)
+    except FileNotFoundError as exc:
+        raise RecipeError(str(exc)) from None
     save_model(model, tok, model_dir)
     return tok, str(model_dir)
 

@@ -202,6 +202,20 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
                                    eos_token="<eos>", unk_token="<unk>", padding_side="left")
 
 
+def starting_model(cfg) -> tuple:
+    """(model, tokenizer) a recipe's `model` section asks for: an HF directory, or a fresh preset
+    with the offline character tokenizer, seeded by `cfg.seed`."""
+    if cfg.path:
+        if not Path(cfg.path).is_dir():
+            raise FileNotFoundError(f"model.path {cfg.path} is not a directory")
+        return load_model(cfg.path), load_tokenizer(cfg.path)
+    tok = build_char_tokenizer(cfg.alphabet)
+    torch.manual_seed(cfg.seed)
+    model = build_hybrid(cfg.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **cfg.overrides)
+    return model, tok
+
+
 def save_model(model, tokenizer, path: str | Path) -> None:
     path = Path(path)
     model.save_pretrained(path)
