@@ -130,8 +130,23 @@ class SFTConfig(Section):
 class TrainerConfig(Section):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks, one Ray actor each")
     zero_stage: int = Field(2, ge=0, le=3)
-    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward")
-    deepspeed: dict = Field(default_factory=dict, description="merged over the generated DeepSpeed config")
+    micro_batch_size: int = Field(64, ge=1, description="most sequences per forward/backward")
+    micro_batch_tokens: int = Field(16384, ge=1, description="most padded tokens (sequences x longest) per "
+                                    "forward/backward; a longer sequence goes alone (with length_bucketing)")
+    length_bucketing: bool = Field(True, description="sort each minibatch by length before cutting micro-batches, so "
+                                   "each pads only to rows of similar length; false: arrival order, micro_batch_size "
+                                   "rows at a time (the baseline of benchmarks/train_throughput.py)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory, "
+                                         "about one more forward of time")
+    deepspeed: dict = Field(default_factory=dict, description="merged key by key over the generated DeepSpeed "
+                            "config (cispo.trainer.deepspeed_config): bf16, offload_optimizer, ...")
+
+    @model_validator(mode="after")
+    def _bf16_needs_zero(self):
+        if self.deepspeed.get("bf16", {}).get("enabled") and self.zero_stage == 0:
+            raise ValueError("bf16 needs zero_stage >= 1: DeepSpeed's stage-0 bf16 optimizer takes an Adam step with "
+                             "zero gradients at start-up, so every later bias correction is off by one step")
+        return self
 
 
 class WandbConfig(Section):

@@ -5,10 +5,10 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import time
 from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +17,11 @@ import torch
 
 from cispo import checkpoint
 from cispo.advantages import advantages
+from cispo.batching import minibatches, pad_rows, shard
 from cispo.config import Recipe, RecipeError, dump_recipe
 from cispo.data import Prompt, PromptSource
 from cispo.metrics import MetricsLog, percentile, read_metrics
-from cispo.trainer import Trainer
+from cispo.trainer import start_trainers
 from rewards.pool import ScoringPool
 from cispo.sampling import dynamic_sample, overlong
 from cispo.stages import advance
@@ -87,6 +88,8 @@ def train(recipe: Recipe) -> dict:
         stop.restore()
         log.close()
         scorer.close()
+        rollout.shutdown()
+        trainers.shutdown()
     summary = {"eval_accuracy_start": acc_start, "eval_accuracy_end": acc_end, "steps": recipe.run.max_steps,
                "wall_s": time.perf_counter() - start, **_time_medians(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -157,12 +160,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_actors(recipe: Recipe, model_dir: str, pad_id: int):
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -171,13 +168,10 @@ def _start_actors(recipe: Recipe, model_dir: str, pad_id: int):
         else:
             actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
-    threads = recipe.run.threads
-    r, placement = recipe.rollout, recipe.resources
-    rollout = RolloutPool.start(r.num_workers, model_dir, pad_id, r.threads or threads, r.max_batch_rows,
-                             options=placement.rollout.ray_options())
-    port, ranks = _free_port(), recipe.trainer.num_ranks
-    trainer = Trainer.options(**placement.trainer.ray_options())
-    trainers = [trainer.remote(recipe.model_dump_json(), model_dir, rank, ranks, port) for rank in range(ranks)]
+    r = recipe.rollout
+    rollout = RolloutPool.start(r.num_workers, model_dir, pad_id, r.threads or recipe.run.threads, r.max_batch_rows,
+                                options=recipe.resources.rollout.ray_options())
+    trainers = start_trainers(recipe, model_dir)
     nodes = ray.get([a.node.remote() for a in rollout.workers + trainers])
     print(f"placement: rollout workers on nodes {sorted(set(nodes[:len(rollout.workers)]))}, "
           f"trainer ranks on nodes {sorted(set(nodes[len(rollout.workers):]))}", flush=True)
@@ -202,8 +196,8 @@ def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, rollout: Ro
         for p in source.batch(step, s.batch_size, stream="sft"):
             prompt = [tok.bos_token_id] + _tokens(tok, p.text)
             rows.append((prompt, _tokens(tok, p.target) + [tok.eos_token_id]))
-        ids, mask = _right_pad(rows, tok.eos_token_id)
-        loss = _each_rank(trainers, "sft_step", ids, mask)[0]["loss"]
+        plan, _ = shard(pad_rows(rows, tok.eos_token_id), torch.arange(len(rows)), "token", len(trainers), recipe.trainer)
+        loss = sum(out["loss"] for out in ray.get([t.sft_step.remote(p) for t, p in zip(trainers, plan)]))
         if step % s.eval_every == 0 or step == s.steps:
             _sync(trainers, rollout, version=0)
             accuracy = score() if s.stop_at_accuracy else float("nan")
@@ -211,28 +205,6 @@ def _warm_start(recipe: Recipe, source: PromptSource, tok, trainers, rollout: Ro
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
             if s.stop_at_accuracy and accuracy >= s.stop_at_accuracy:
                 break
-
-
-def _right_pad(rows: list[tuple[list[int], list[int]]], filler_id: int):
-    """[prompt + response] rows, right-padded (exact for a causal model); mask marks response targets.
-
-    Fill with a real token such as EOS, not the pad id: the pad embedding is all zeros, and zero rows
-    gave NaN gradients in layer 0's lightning attention (measured on this model; grads finite otherwise).
-    """
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), filler_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width - 1))
-    for i, (p, r) in enumerate(rows):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
-    return ids, mask
-
-
-def _each_rank(trainers, method: str, *tensors, **kwargs) -> list[dict]:
-    """Split rows across ranks (DeepSpeed averages their gradients) and call `method` on each."""
-    n = len(trainers)
-    parts = [[t.chunk(n)[r] for t in tensors] for r in range(n)]
-    return ray.get([getattr(tr, method).remote(*p, **kwargs) for tr, p in zip(trainers, parts)])
 
 
 def _sampling(recipe: Recipe, tok, temperature: float, max_new_tokens: int | None = None) -> SamplingParams:
@@ -316,13 +288,12 @@ def _batch(recipe: Recipe, groups: list[Group], tok, window: int) -> dict:
     keep &= torch.tensor([s != "sandbox_error" for g in groups for s in g.statuses])
     group_index = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g.completions) for g in groups]))
     rows = [([tok.bos_token_id] + _tokens(tok, g.prompt.text), c.token_ids) for g in groups for c in g.completions]
-    ids, mask = _right_pad(rows, tok.eos_token_id)
-    mask *= keep.unsqueeze(1)
-    old = torch.zeros_like(mask)
+    batch = pad_rows(rows, tok.eos_token_id)
+    batch["loss_mask"] *= keep.unsqueeze(1)
+    old = batch["old_logprobs"] = torch.zeros_like(batch["loss_mask"])
     for i, ((p, _), c) in enumerate(zip(rows, completions)):
         old[i, len(p) - 1:len(p) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"input_ids": ids, "loss_mask": mask, "old_logprobs": old, "group_index": group_index,
-            "advantages": advantages(rewards, group_index, a.advantage), "temperature": r.temperature}
+    return {**batch, "group_index": group_index, "advantages": advantages(rewards, group_index, a.advantage)}
 
 
 def _rollout_metrics(groups: list[Group]) -> dict:
@@ -342,11 +313,23 @@ def _rollout_metrics(groups: list[Group]) -> dict:
 
 
 def _train(recipe: Recipe, trainers, batch: dict, step: int) -> dict:
-    n = len(trainers)
-    shards = [{k: (v.chunk(n)[r] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()} for r in range(n)]
-    stats = ray.get([t.train_batch.remote(s, recipe.algorithm.updates_per_batch, recipe.run.seed + step)
-                     for t, s in zip(trainers, shards)])
-    return {k: statistics.fmean(s[k] for s in stats) for k in stats[0]}
+    """K off-policy updates, each a minibatch of whole groups split over ranks and micro-batches."""
+    a, counts, plans = recipe.algorithm, Counter(), []
+    for rows in minibatches(batch["group_index"], a.updates_per_batch, recipe.run.seed + step):
+        plan, tokens = shard(batch, rows, a.normalization, len(trainers), recipe.trainer)
+        plans.append(plan)
+        counts.update(tokens)
+    stats = ray.get([t.train_batch.remote([p[r] for p in plans], recipe.rollout.temperature)
+                     for r, t in enumerate(trainers)])
+    # Ranks' losses are shares of one sum; the same on every rank: grad norm, skips, lr; the rest are
+    # token means (absent on a rank whose responses were all masked).
+    out = {"loss": sum(s.pop("loss") for s in stats), **{k: stats[0].pop(k) for k in ("grad_norm", "skipped_steps", "lr")}}
+    tokens = [s.pop("tokens") for s in stats]
+    if any("is_weight_max" in s for s in stats):
+        out["is_weight_max"] = max(s.pop("is_weight_max") for s in stats if "is_weight_max" in s)
+    for k in {k for s in stats for k in s if k not in out}:
+        out[k] = sum(s.get(k, 0.0) * n for s, n in zip(stats, tokens)) / max(sum(tokens), 1)
+    return {**out, "updates": len(plans), "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"]}
 
 
 def _sync(trainers, rollout: RolloutPool, version: int) -> None:

@@ -48,8 +48,9 @@ def ppo_clip_objective(ratio, clipped, advantages) -> torch.Tensor:
     return torch.minimum(ratio * a, clipped * a)
 
 
-def normalize(per_token, mask, normalization: str, group_index=None) -> torch.Tensor:
-    """Reduce masked per-token losses to a scalar.
+def token_weights(mask, normalization: str, group_index=None) -> torch.Tensor:
+    """Per-token weights w with Σ w_t·ℓ_t the normalized loss, so a batch split into micro-batches
+    and ranks sums back to exactly the whole-batch value.
 
     group:    M1 Eq. 4, 1/Σ_i|o_i| within each prompt group, then the mean over groups
               (without group_index the batch is one group);
@@ -59,25 +60,29 @@ def normalize(per_token, mask, normalization: str, group_index=None) -> torch.Te
               token-level normalization but gives no formula, and this is our reading of it.
     Empty rows (fully masked responses) and empty groups do not count in the means.
     """
-    per_token, mask = per_token * mask, mask.to(per_token.dtype)
-    token = per_token.sum() / mask.sum().clamp(min=1)
+    mask = mask.float()
+    token = mask / mask.sum().clamp(min=1)
     if normalization == "token" or (normalization == "group" and group_index is None):  # one group: the token mean
         return token
-    rows, row_tokens = per_token.sum(1), mask.sum(1)
+    row_tokens = mask.sum(1, keepdim=True)
     if normalization in ("sequence", "sample_token"):
-        seq = (rows / row_tokens.clamp(min=1)).sum() / (row_tokens > 0).sum().clamp(min=1)
-        return seq if normalization == "sequence" else (seq + token) / 2
+        sequence = mask / row_tokens.clamp(min=1) / (row_tokens > 0).sum().clamp(min=1)
+        return sequence if normalization == "sequence" else (sequence + token) / 2
     if normalization == "group":
         groups, inverse = torch.unique(group_index, return_inverse=True)
-        group_sum = torch.zeros(len(groups), dtype=rows.dtype, device=rows.device).index_add_(0, inverse, rows)
-        group_tokens = torch.zeros_like(group_sum).index_add_(0, inverse, row_tokens)
-        return (group_sum / group_tokens.clamp(min=1)).sum() / (group_tokens > 0).sum().clamp(min=1)
+        group_tokens = torch.zeros(len(groups)).index_add_(0, inverse, row_tokens.squeeze(1))
+        return mask / group_tokens[inverse].clamp(min=1).unsqueeze(1) / (group_tokens > 0).sum().clamp(min=1)
     raise ValueError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
 
 
-def policy_loss(name: str, logprobs, old_logprobs, advantages, mask, *, eps_high: float,
-                eps_low: float | None = None, normalization: str = "group", group_index=None) -> torch.Tensor:
-    """−J for the loss `name`, reduced with `normalization`.
+def normalize(per_token, mask, normalization: str, group_index=None) -> torch.Tensor:
+    """Reduce masked per-token losses to a scalar (see `token_weights`)."""
+    return (per_token * token_weights(mask, normalization, group_index).to(per_token.dtype)).sum()
+
+
+def token_loss(name: str, logprobs, old_logprobs, advantages, *, eps_high: float,
+               eps_low: float | None = None) -> torch.Tensor:
+    """Per-token −J of the loss `name`:
 
     cispo:        Eq. 4–5, every token keeps sg(r̂)·A·∇log π;
     cispo_masked: Eq. 6–7, CISPO's weight with PPO-clip's token mask;
@@ -86,15 +91,20 @@ def policy_loss(name: str, logprobs, old_logprobs, advantages, mask, *, eps_high
     """
     ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
     if name == "cispo":
-        objective = masked_objective(logprobs, clipped, advantages, 1.0)
-    elif name == "cispo_masked":
+        return -masked_objective(logprobs, clipped, advantages, 1.0)
+    if name == "cispo_masked":
         m = ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)
-        objective = masked_objective(logprobs, clipped, advantages, m)
-    elif name in ("grpo", "dapo", "ppo"):
-        objective = ppo_clip_objective(ratio, clipped, advantages)
-    else:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    return normalize(-objective, mask, normalization, group_index)
+        return -masked_objective(logprobs, clipped, advantages, m)
+    if name in ("grpo", "dapo", "ppo"):
+        return -ppo_clip_objective(ratio, clipped, advantages)
+    raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+
+
+def policy_loss(name: str, logprobs, old_logprobs, advantages, mask, *, eps_high: float,
+                eps_low: float | None = None, normalization: str = "group", group_index=None) -> torch.Tensor:
+    """−J for the loss `name` (`token_loss`), reduced with `normalization` (`token_weights`)."""
+    per_token = token_loss(name, logprobs, old_logprobs, advantages, eps_high=eps_high, eps_low=eps_low)
+    return normalize(per_token, mask, normalization, group_index)
 
 
 def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps_low: float | None = None,

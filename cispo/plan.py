@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cispo.config import Recipe
+from rollout.config import PRESETS, m1_layer_types
 
 GiB = 2**30
 CONTEXTS = (40_000, 80_000, 100_000)
@@ -76,15 +77,10 @@ def model_shape(recipe: Recipe) -> tuple[Shape, str]:
     if m.path and config_json.is_file():
         cfg, where = json.loads(config_json.read_text()), f"{config_json}"
     else:
-        # What build_hybrid would build, as a config only (imports torch, so only on this path).
-        from transformers import MiniMaxConfig
-
-        from rollout.model import PRESETS, m1_layer_types
-
-        kwargs = {**PRESETS[m.preset], **m.overrides}
-        kwargs.setdefault("layer_types", m1_layer_types(kwargs["num_hidden_layers"]))
-        vocab = PRESET_VOCAB.get(m.preset, len(set(m.alphabet)) + 4)  # the character tokenizer's + 4 special
-        cfg = MiniMaxConfig(vocab_size=vocab, **kwargs).to_dict()
+        # What build_hybrid would build, read from the presets' plain data (a MiniMaxConfig would import torch).
+        cfg = {**PRESETS[m.preset], **m.overrides}
+        cfg.setdefault("layer_types", m1_layer_types(cfg["num_hidden_layers"]))
+        cfg["vocab_size"] = PRESET_VOCAB.get(m.preset, len(set(m.alphabet)) + 4)  # the char tokenizer's + 4 special
         where = f"preset {m.preset!r}" + (f" (model.path {m.path} is not here)" if m.path else "")
     # MiniMax's own released config.json lists the layout as attn_type_list (1: softmax, 0: lightning).
     types = cfg.get("layer_types") or ["full_attention" if t else "linear_attention" for t in cfg["attn_type_list"]]

@@ -1,22 +1,30 @@
-"""The trainer: one Ray actor per DeepSpeed rank (gloo on CPU), running SFT and CISPO updates."""
+"""The trainer: one Ray actor per DeepSpeed rank (gloo on CPU, nccl on GPUs), running SFT and CISPO updates."""
 from __future__ import annotations
 
-import math
 import os
+import socket
 
 import ray
 import torch
+from torch import nn
 
 from cispo.config import Recipe
-from cispo.loss import loss_metrics, policy_loss
+from cispo.loss import loss_metrics, token_loss
 from rollout.model import load_model, token_logprobs
 
 
-def deepspeed_config(recipe: Recipe, micro_batch: int, world_size: int) -> dict:
+def _merge(base: dict, override: dict) -> dict:
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in override.items()}}
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+    """Ours, with the recipe's `trainer.deepspeed` merged over it key by key."""
     t, o = recipe.trainer, recipe.optim
     base = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "train_batch_size": micro_batch * world_size,
+        # Micro-batches vary in rows (cispo.batching); the boundary of each update is set by hand.
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
@@ -24,82 +32,131 @@ def deepspeed_config(recipe: Recipe, micro_batch: int, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-    return {**base, **t.deepspeed}
+    if t.deepspeed.get("bf16", {}).get("enabled"):
+        # MiniMax multiplies bf16 activations by its fp32 decay buffers, which fails; only rotary's stay fp32.
+        base["data_types"] = {"buffer_dtype": "bf16", "keep_in_fp32_modules": ["rotary_emb"]}
+    if "offload_optimizer" in t.deepspeed.get("zero_optimization", {}):
+        base["zero_force_ds_cpu_optimizer"] = False  # offload our client AdamW (with M1's eps) as it is
+    return _merge(base, t.deepspeed)
+
+
+class LogprobModel(nn.Module):
+    """The causal LM with M1's fp32 head as one module whose forward returns per-token log π and entropy.
+
+    ZeRO-3 gathers a module's own parameters around its forward and backward. The head weight is read
+    here rather than inside lm_head's forward, so it is registered as an external parameter of this module.
+    """
+
+    def __init__(self, causal_lm: nn.Module):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, input_ids: torch.Tensor, temperature: float = 1.0):
+        hidden = self.causal_lm.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        return token_logprobs(hidden, self.causal_lm.lm_head.weight, input_ids[:, 1:], temperature=temperature)
 
 
 @ray.remote
 class Trainer:
-    def __init__(self, recipe_json: str, model_dir: str, rank: int, world_size: int, master_port: int):
+    def __init__(self, recipe_json: str, model_dir: str, rank: int, world_size: int):
         self.recipe = Recipe.model_validate_json(recipe_json)
-        if self.recipe.trainer.zero_stage == 3:
-            raise NotImplementedError("trainer.zero_stage=3 is not supported yet: the fp32 head reads lm_head.weight "
-                                      "outside the module's forward, where ZeRO-3 has not gathered it; use 0-2")
-        self.rank = rank
-        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(master_port), DS_ACCELERATOR="cpu")
-        # Ray pins actors to one thread; phases run one at a time, so let the active one use every core.
-        torch.set_num_threads(self.recipe.run.threads or os.cpu_count())
-        torch.manual_seed(self.recipe.run.seed + rank)
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-        model = load_model(model_dir)
-        model.train()
-        o = self.recipe.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer,
-            config=deepspeed_config(self.recipe, self.recipe.trainer.micro_batch_size, world_size))
+        self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
         self.skipped_steps = 0
         self.rl_updates = 0  # drives the linear warm-up of the RL learning rate
 
-    def _forward_logprobs(self, input_ids: torch.Tensor, temperature: float = 1.0):
-        hidden = self.engine.module.model(input_ids=input_ids).last_hidden_state[:, :-1]
-        return token_logprobs(hidden, self.engine.module.lm_head.weight, input_ids[:, 1:], temperature=temperature)
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the process group: this node's IP and a free port on it."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def _step(self, loss: torch.Tensor) -> float:
-        self.engine.backward(loss)
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        # ZeRO skips an update whose gradient norm is not finite; count it (DESIGN §9 saw NaN grads).
-        if not math.isfinite(norm):
-            self.skipped_steps += 1
-        return norm
+    def init(self, master_addr: str, master_port: int) -> None:
+        gpu = torch.cuda.is_available()
+        os.environ.update(RANK=str(self.rank), LOCAL_RANK="0", WORLD_SIZE=str(self.world_size),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if not gpu:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        # Ray pins actors to one thread; phases run one at a time, so let the active one use every core.
+        torch.set_num_threads(self.recipe.run.threads or os.cpu_count())
+        torch.manual_seed(self.recipe.run.seed + self.rank)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+        t, o = self.recipe.trainer, self.recipe.optim
+        causal_lm = load_model(self.model_dir)
+        if t.gradient_checkpointing:
+            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = LogprobModel(causal_lm).train()
+        if t.zero_stage == 3:
+            # Which experts run depends on the tokens, so ranks would gather different modules in different
+            # orders and deadlock; a leaf MoE block gathers all its experts at once.
+            deepspeed.utils.set_z3_leaf_modules(causal_lm, [type(causal_lm.model.layers[0].mlp)])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(self.recipe, self.world_size))
+        if t.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(self.engine.module, causal_lm.lm_head.weight)
+        self.causal_lm = causal_lm
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def sft_step(self, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> dict:
-        self._set_lr(self.recipe.sft.lr)
-        logp, _ = self._forward_logprobs(input_ids)
-        loss = -(logp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-        return {"loss": loss.item(), "grad_norm": self._step(loss)}
+    def _update(self, micro_batches: list[dict], per_token_loss, temperature: float = 1.0) -> dict:
+        """One optimizer step over this rank's micro-batches (cispo.batching).
 
-    def train_batch(self, batch: dict, updates: int, seed: int) -> dict:
-        """K minibatch updates of the CISPO loss over one generation batch (M1 §3.1: off-policy updates)."""
-        a, rows = self.recipe.algorithm, batch["input_ids"].shape[0]
-        order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
-        stats: dict[str, list[float]] = {}
-        for part in order.chunk(min(updates, rows)):
-            o = self.recipe.optim
+        Each micro-batch carries per-token `weights` that make Σ w·ℓ over every rank's micro-batches the
+        whole minibatch's normalized loss. DeepSpeed averages gradients over ranks, hence × world size.
+        """
+        loss_sum, logprobs, entropies = 0.0, [], []
+        for i, mb in enumerate(micro_batches):
+            mb = {k: v.to(self.engine.device) for k, v in mb.items()}
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            logp, entropy = self.engine(mb["input_ids"], temperature)
+            loss = (per_token_loss(logp, mb) * mb["weights"]).sum()
+            self.engine.backward(loss * self.world_size)
+            loss_sum += loss.item()
+            on = mb["loss_mask"].bool()
+            logprobs.append(logp.detach()[on].cpu())
+            entropies.append(entropy[on].cpu())
+        self.engine.step()
+        # ZeRO skips an update whose gradient norm is not finite; count it (DESIGN §9 saw NaN grads).
+        self.skipped_steps += not self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()  # None under ZeRO-0
+        norm = float(norm) if norm is not None else float("nan")
+        return {"loss": loss_sum, "grad_norm": norm, "logprobs": torch.cat(logprobs), "entropy": torch.cat(entropies)}
+
+    def sft_step(self, micro_batches: list[dict]) -> dict:
+        """Cross-entropy on the reference answers (token-mean weights from the controller)."""
+        self._set_lr(self.recipe.sft.lr)
+        out = self._update(micro_batches, lambda logp, mb: -logp)
+        return {"loss": out["loss"], "grad_norm": out["grad_norm"]}
+
+    def train_batch(self, updates: list[list[dict]], temperature: float) -> dict:
+        """K minibatch updates of the policy loss over one generation batch (M1 §3.1: off-policy updates);
+        `updates` holds this rank's micro-batches for each.
+
+        `loss` is this rank's share (ranks sum to the minibatch loss); the other figures are token means
+        with their `tokens` count, so the controller can combine ranks exactly.
+        """
+        a, o = self.recipe.algorithm, self.recipe.optim
+        per_token_loss = lambda logp, mb: token_loss(a.name, logp, mb["old_logprobs"], mb["advantages"],
+                                                     eps_high=a.eps_high, eps_low=a.eps_low)
+        losses, norms, on_token = [], [], []
+        for micro_batches in updates:
             self._set_lr(o.lr * min(1.0, (self.rl_updates + 1) / max(o.warmup_steps, 1)))
             self.rl_updates += 1
-            mb = {k: v[part] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            mask = mb["loss_mask"]
-            logp, entropy = self._forward_logprobs(mb["input_ids"], batch.get("temperature", 1.0))
-            loss = policy_loss(a.name, logp, mb["old_logprobs"], mb["advantages"], mask, eps_high=a.eps_high,
-                               eps_low=a.eps_low, normalization=a.normalization, group_index=mb["group_index"])
-            figures = loss_metrics(logp, mb["old_logprobs"], mb["advantages"], mask, entropy,
-                                   eps_high=a.eps_high, eps_low=a.eps_low)
-            for key, value in {"loss": loss.item(), **figures}.items():
-                stats.setdefault(key, []).append(value)
-            stats.setdefault("grad_norm", []).append(self._step(loss))
-        out = {k: (max(v) if k == "is_weight_max" else sum(v) / len(v)) for k, v in stats.items()}
-        out["skipped_steps"] = self.skipped_steps
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
-        return out
+            out = self._update(micro_batches, per_token_loss, temperature)
+            losses.append(out["loss"])
+            norms.append(out["grad_norm"])
+            on = [mb["loss_mask"].bool() for mb in micro_batches]
+            old = torch.cat([mb["old_logprobs"][m] for mb, m in zip(micro_batches, on)])
+            adv = torch.cat([mb["advantages"].unsqueeze(1).expand_as(m)[m] for mb, m in zip(micro_batches, on)])
+            on_token.append((out["logprobs"], old, adv, out["entropy"]))
+        logp, old, adv, entropy = (torch.cat(column).unsqueeze(0) for column in zip(*on_token))
+        figures = loss_metrics(logp, old, adv, torch.ones_like(logp), entropy, eps_high=a.eps_high, eps_low=a.eps_low)
+        return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **figures,
+                "tokens": logp.numel(), "skipped_steps": self.skipped_steps, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def save_checkpoint(self, path: str) -> None:
         # Prefixed: DeepSpeed keeps its own 'skipped_steps' and drops clashing client keys on load.
@@ -118,17 +175,50 @@ class Trainer:
         every rank must call the method that uses this)."""
         import deepspeed
 
-        params = list(self.engine.module.parameters())
+        params = list(self.causal_lm.parameters())
         return deepspeed.zero.GatheredParameters(params, enabled=self.recipe.trainer.zero_stage == 3)
 
     def state_dict(self) -> dict:
-        """The weights to publish; rank 0 returns them, the others only take part in the gather."""
+        """The weights to publish; rank 0 returns them (on CPU), the others only take part in the gather."""
         with self._full_weights():
             if self.rank != 0:
                 return {}
-            return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.causal_lm.state_dict().items()}
 
     def save_pretrained(self, path: str) -> None:
         with self._full_weights():
             if self.rank == 0:
-                self.engine.module.save_pretrained(path)
+                self.causal_lm.save_pretrained(path)
+
+
+class Ranks(list):
+    """The rank actors in rank order, and the placement group that holds their resources (killing the
+    actors does not free it)."""
+
+    def __init__(self, actors: list, group):
+        super().__init__(actors)
+        self.group = group
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self:
+            ray.kill(actor)
+        remove_placement_group(self.group)
+
+
+def start_trainers(recipe: Recipe, model_dir: str) -> Ranks:
+    """`trainer.num_ranks` rank actors in one placement group (packed onto as few nodes as fit), joined
+    into a process group whose rank 0 listens on its own node."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options, ranks = recipe.resources.trainer.ray_options(), recipe.trainer.num_ranks
+    bundle = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
+    group = placement_group([{k: v for k, v in bundle.items() if v}] * ranks, strategy="PACK")
+    ray.get(group.ready())
+    actor = Trainer.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
+    trainers = Ranks([actor.remote(recipe.model_dump_json(), model_dir, rank, ranks) for rank in range(ranks)], group)
+    addr, port = ray.get(trainers[0].address.remote())
+    ray.get([t.init.remote(addr, port) for t in trainers])
+    return trainers

@@ -1,9 +1,32 @@
-"""Config sections owned by `rollout`: which model, and how to sample from it."""
+"""Config sections owned by `rollout`: which model, and how to sample from it. Also the model presets' shapes,
+as plain data, so `cispo plan` can read them without importing torch."""
 from __future__ import annotations
 
 import string
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
+# MiniMaxConfig's; max_position_embeddings is spelled out (131,072 is its default) because plan reads it.
+PRESETS: dict[str, dict] = {
+    # 3.8M parameters: the CPU calibration model of DESIGN §9.
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, block_size=64,
+                 max_position_embeddings=131_072),
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, num_local_experts=4, num_experts_per_tok=2, block_size=128,
+                  max_position_embeddings=131_072),
+    # MiniMax-M1's published shape (456B total, 45.9B active); for planning, not for this machine.
+    "m1": dict(hidden_size=6144, intermediate_size=9216, num_hidden_layers=80, num_attention_heads=64,
+               num_key_value_heads=8, head_dim=128, num_local_experts=32, num_experts_per_tok=2,
+               block_size=256, max_position_embeddings=10_240_000),
+}
+
+
+def m1_layer_types(num_layers: int, linear_per_full: int = 7) -> list[str]:
+    """Seven linear layers then one full-attention layer, repeated (layer 0 is linear)."""
+    period = linear_per_full + 1
+    return ["full_attention" if (i + 1) % period == 0 else "linear_attention" for i in range(num_layers)]
 
 
 class Section(BaseModel):

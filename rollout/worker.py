@@ -99,6 +99,10 @@ class RolloutPool:
             done += completions
         return sorted(done, key=lambda c: (c.request_index, c.sample_index))
 
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+
     def update_weights(self, state_dict, version: int) -> None:
         """Load new weights (a state dict or its ObjectRef) on every live worker, tagged `version`."""
         refs = [(w, w.update_weights.remote(state_dict, version)) for w in self.workers]

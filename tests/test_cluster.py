@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,9 +15,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _free_port() -> int:
-    from cispo.loop import _free_port as free
-
-    return free()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _kill_nodes(temp_dir: Path) -> None:

@@ -44,3 +44,9 @@ def test_cli_prints_one_line_error(args, expected):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0]
+
+
+def test_bf16_on_zero_stage_0_is_refused_with_the_reason():
+    with pytest.raises(RecipeError, match="bf16 needs zero_stage >= 1"):
+        load_recipe(REPO / "recipes/tiny-arith.yaml", ["trainer.zero_stage=0", "trainer.deepspeed={bf16: {enabled: true}}"])
+    assert load_recipe(REPO / "recipes/tiny-arith.yaml", ["trainer.deepspeed={bf16: {enabled: true}}"]).trainer.zero_stage == 2

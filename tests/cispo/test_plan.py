@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 from cispo import plan
 from cispo.cli import main
 from cispo.config import load_recipe
@@ -55,3 +58,12 @@ def test_cli_plan_prints_every_section(capsys):
                  "trainer memory per GPU", "optimizer (fp32 master, m, v)", "linear-attention state",
                  "100K   hybrid", "~25% of DeepSeek-R1", "warning: rollout: needs"):
         assert text in out, text
+
+
+def test_plan_imports_no_torch():
+    # `cispo plan` is a quick check before a launch; torch, transformers, Ray and DeepSpeed take seconds to import.
+    # A subprocess, so the modules other tests imported don't count; m1-40k takes the preset path.
+    code = ("import sys; from cispo.cli import main; assert main(['plan', 'recipes/m1-40k.yaml']) == 0; "
+            "heavy = {'torch', 'transformers', 'ray', 'deepspeed'} & set(sys.modules); assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
