@@ -5,6 +5,7 @@ import torch
 
 from cispo.batching import pad_rows, shard
 from cispo.config import load_recipe
+from cispo.export import trained_model
 from cispo.loop import _train
 from cispo.trainer import start_trainers
 from rollout.engine import Request, SamplingParams, generate
@@ -61,12 +62,14 @@ def rl_batch(tiny_model_dir, tiny_tokenizer):
             "advantages": torch.randn(groups * g), "group_index": torch.arange(groups).repeat_interleave(g)}
 
 
-def _trajectory(ray, args, model_dir, batch):
+def _trajectory(ray, args, model_dir, batch, checkpoint_dir=None):
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["optim.lr=1e-3", "optim.warmup_steps=0", "run.threads=1",
                                                             "algorithm.updates_per_batch=2", *args])
     trainers = start_trainers(recipe, str(model_dir))
     steps = [_train(recipe, trainers, batch, step) for step in range(1, 6)]
     state = ray.get([t.state_dict.remote() for t in trainers])[0]
+    if checkpoint_dir:
+        ray.get([t.save_checkpoint.remote(str(checkpoint_dir)) for t in trainers])
     trainers.shutdown()
     return steps, state
 
@@ -84,12 +87,12 @@ OFFLOAD = "trainer.deepspeed={zero_optimization: {offload_optimizer: {device: cp
     (["trainer.num_ranks=2", "trainer.deepspeed={bf16: {enabled: true}}", MICRO], 1e-2, None),
 ], ids=["micro-batches", "2-ranks-zero2", "2-ranks-zero3", "zero3-offload-checkpointing", "2-ranks-bf16"])
 def test_ranks_zero_stages_and_micro_batches_give_one_trajectory(ray_session, tiny_model_dir, rl_batch, reference,
-                                                                 args, loss_rtol, weight_atol):
+                                                                 args, loss_rtol, weight_atol, tmp_path):
     """The loss weights of a whole minibatch travel with each micro-batch, so every layout computes the
     same sums in a different order. fp32 reordering differs by ~1e-7 relative per step; 5 Adam steps at
     lr 1e-3 can grow that, so the bound is 1e-4 relative on the loss and 1e-4 absolute on the weights."""
     one, state_one = reference
-    other, state = _trajectory(ray_session, ["trainer.zero_stage=2", *args], tiny_model_dir, rl_batch)
+    other, state = _trajectory(ray_session, ["trainer.zero_stage=2", *args], tiny_model_dir, rl_batch, tmp_path / "ckpt")
     assert other[0]["padding_fraction"] < one[0]["padding_fraction"] / 2  # bucketed by length
     for a, b in zip(one, other):
         assert abs(a["loss"] - b["loss"]) <= loss_rtol * max(1.0, abs(a["loss"])), (one, other)
@@ -98,6 +101,9 @@ def test_ranks_zero_stages_and_micro_batches_give_one_trajectory(ray_session, ti
     assert state.keys() == state_one.keys()
     if weight_atol:
         assert all(torch.allclose(state[k], v, atol=weight_atol) for k, v in state_one.items())
+        # What `cispo export` rebuilds from the ranks' partitions is what was published.
+        exported = trained_model(tmp_path / "ckpt", tiny_model_dir).state_dict()
+        assert all(torch.equal(exported[k], v) for k, v in state.items())
 
 
 @pytest.fixture(scope="module")
