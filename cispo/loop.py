@@ -327,7 +327,7 @@ def _train(recipe: Recipe, trainers, batch: dict, step: int) -> dict:
     tokens = [s.pop("tokens") for s in stats]
     if any("is_weight_max" in s for s in stats):
         out["is_weight_max"] = max(s.pop("is_weight_max") for s in stats if "is_weight_max" in s)
-    for k in {k for s in stats for k in s if k not in out}:
+    for k in dict.fromkeys(k for s in stats for k in s if k not in out):  # in a stable order
         out[k] = sum(s.get(k, 0.0) * n for s, n in zip(stats, tokens)) / max(sum(tokens), 1)
     return {**out, "updates": len(plans), "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"]}
 
