@@ -92,6 +92,10 @@ class AlgorithmConfig(Section):
     overlong_buffer: int = Field(0, ge=0, description="soft: the last N tokens of the budget, where the penalty ramps")
     overlong_penalty: float = Field(1.0, ge=0, description="soft: the penalty at the budget")
     updates_per_batch: int = Field(16, ge=1, description="off-policy minibatch updates per generation batch (M1: 16)")
+    old_logprobs: Literal["rollout", "recompute"] = Field(
+        "rollout", description="π_old of the IS weight: the rollout engine's logprobs, or the trainer's own forward "
+                               "before the first update (one more forward per step; logs old_logprob_gap, the "
+                               "train/inference mismatch M1 §3.2 fixed with the fp32 head)")
 
     @field_validator("eps_low")
     @classmethod

@@ -142,6 +142,7 @@ class Trainer:
         a, o = self.recipe.algorithm, self.recipe.optim
         per_token_loss = lambda logp, mb: token_loss(a.name, logp, mb["old_logprobs"], mb["advantages"],
                                                      eps_high=a.eps_high, eps_low=a.eps_low)
+        gap = self._recompute_old_logprobs(updates, temperature) if a.old_logprobs == "recompute" else {}
         losses, norms, on_token = [], [], []
         for micro_batches in updates:
             self._set_lr(o.lr * min(1.0, (self.rl_updates + 1) / max(o.warmup_steps, 1)))
@@ -155,8 +156,22 @@ class Trainer:
             on_token.append((out["logprobs"], old, adv, out["entropy"]))
         logp, old, adv, entropy = (torch.cat(column).unsqueeze(0) for column in zip(*on_token))
         figures = loss_metrics(logp, old, adv, torch.ones_like(logp), entropy, eps_high=a.eps_high, eps_low=a.eps_low)
-        return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **figures,
+        return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **figures, **gap,
                 "tokens": logp.numel(), "skipped_steps": self.skipped_steps, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def _recompute_old_logprobs(self, updates: list[list[dict]], temperature: float) -> dict:
+        """Replace the rollout logprobs by this trainer's, from the weights before any update, and report
+        their mean absolute difference over response tokens."""
+        gaps = []
+        for mb in (mb for micro_batches in updates for mb in micro_batches):
+            logp, _ = self.engine(mb["input_ids"].to(self.engine.device), temperature)
+            on = mb["loss_mask"].bool()
+            recomputed = logp.cpu() * mb["loss_mask"]
+            gaps.append((recomputed - mb["old_logprobs"])[on].abs())
+            mb["old_logprobs"] = recomputed
+        gaps = torch.cat(gaps)
+        return {"old_logprob_gap": float(gaps.mean())} if gaps.numel() else {}
 
     def save_checkpoint(self, path: str) -> None:
         # Prefixed: DeepSpeed keeps its own 'skipped_steps' and drops clashing client keys on load.

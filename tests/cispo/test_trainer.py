@@ -113,3 +113,13 @@ def reference(ray_session, tiny_model_dir, rl_batch):
     assert steps[0]["updates"] == 2 and steps[0]["padding_fraction"] > 0.1  # one micro-batch pads to 16
     assert steps[0]["loss"] != steps[-1]["loss"]  # it trained
     return steps, state
+
+
+def test_recomputed_old_logprobs_make_the_first_update_on_policy(ray_session, tiny_model_dir, rl_batch):
+    """rl_batch's old logprobs are the model's plus N(0, 0.05) noise: recomputing them before the update
+    finds that gap (E|noise| = 0.05·√(2/π) ≈ 0.040) and leaves an IS weight of exactly 1."""
+    steps, _ = _trajectory(ray_session, ["trainer.num_ranks=2", "trainer.zero_stage=3", MICRO, "algorithm.updates_per_batch=1",
+                                         "algorithm.old_logprobs=recompute"], tiny_model_dir, rl_batch)
+    assert 0.035 < steps[0]["old_logprob_gap"] < 0.045
+    assert steps[0]["is_weight_mean"] == pytest.approx(1.0, abs=1e-6) and steps[0]["is_weight_max"] == pytest.approx(1.0, abs=1e-5)
+    assert steps[1]["old_logprob_gap"] > steps[0]["old_logprob_gap"]  # the batch's logprobs are now a step stale
