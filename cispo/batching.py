@@ -14,6 +14,12 @@ from cispo.config import TrainerConfig
 from cispo.loss import token_weights
 
 
+# Bucketed, a row shorter than this share of its micro-batch's longest starts a new one, so no
+# micro-batch is more than 1/3 padding. Measured (benchmarks/train_throughput.py): padding 0.148
+# against 0.352 without the rule, 5217 against 4389 tokens/s, for 8 micro-batches instead of 3.
+MIN_FILL = 2 / 3
+
+
 def minibatches(group_index: torch.Tensor, updates: int, seed: int) -> list[torch.Tensor]:
     """Row indices of `updates` minibatches (fewer if there are fewer groups), whole groups in a seeded
     random order, so a group's normalization (Eq. 4) always sees the whole group."""
@@ -27,9 +33,10 @@ def assign(lengths: list[int], ranks: int, cfg: TrainerConfig) -> list[list[list
 
     Bucketed: longest first, each row to the rank with the fewest tokens so far, then each rank's rows
     cut into micro-batches of at most `micro_batch_size` rows and `micro_batch_tokens` padded tokens
-    (a row longer than that goes alone). Unbucketed (the baseline): arrival order, `micro_batch_size`
-    rows at a time. Every rank gets the same number of micro-batches; a rank short of one gets an
-    empty list, which the caller fills with a zero-weight row, because each backward is a collective.
+    (a row longer than that goes alone); a row under MIN_FILL of the longest starts a new one.
+    Unbucketed (the baseline): arrival order, `micro_batch_size` rows at a time. Every rank gets the
+    same number of micro-batches; a rank short of one gets an empty list, which the caller fills with
+    a zero-weight row, because each backward is a collective.
     """
     if cfg.length_bucketing:
         per_rank, load = [[] for _ in range(ranks)], [0] * ranks
@@ -44,8 +51,9 @@ def assign(lengths: list[int], ranks: int, cfg: TrainerConfig) -> list[list[list
         micro = []
         for i in rows:
             grown = micro[-1] + [i] if micro else None
-            if grown and len(grown) <= cfg.micro_batch_size and (
-                    not cfg.length_bucketing or len(grown) * max(lengths[j] for j in grown) <= cfg.micro_batch_tokens):
+            longest = max(lengths[j] for j in grown) if grown else 0
+            if grown and len(grown) <= cfg.micro_batch_size and (not cfg.length_bucketing or (
+                    len(grown) * longest <= cfg.micro_batch_tokens and lengths[i] >= MIN_FILL * longest)):
                 micro[-1] = grown
             else:
                 micro.append([i])
