@@ -8,7 +8,7 @@ import ray
 import torch
 from torch import nn
 
-from cispo.config import Recipe
+from cispo.config import Recipe, RecipeError
 from cispo.loss import loss_metrics, token_loss
 from rollout.model import load_model, token_logprobs
 
@@ -235,5 +235,12 @@ def start_trainers(recipe: Recipe, model_dir: str) -> Ranks:
     actor = Trainer.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
     trainers = Ranks([actor.remote(recipe.model_dump_json(), model_dir, rank, ranks) for rank in range(ranks)], group)
     addr, port = ray.get(trainers[0].address.remote())
-    ray.get([t.init.remote(addr, port) for t in trainers])
+    try:
+        ray.get([t.init.remote(addr, port) for t in trainers])
+    except ray.exceptions.RayTaskError as e:
+        trainers.shutdown()
+        if type(e.cause).__name__ == "ValidationError":  # DeepSpeed's pydantic config check
+            problems = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in e.cause.errors())
+            raise RecipeError(f"trainer.deepspeed is not a valid DeepSpeed config ({e.cause.title}): {problems}") from None
+        raise
     return trainers

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cispo.batching import pad_rows, shard
-from cispo.config import load_recipe
+from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
 from cispo.loop import _train
 from cispo.trainer import start_trainers
@@ -123,3 +123,14 @@ def test_recomputed_old_logprobs_make_the_first_update_on_policy(ray_session, ti
     assert 0.035 < steps[0]["old_logprob_gap"] < 0.045
     assert steps[0]["is_weight_mean"] == pytest.approx(1.0, abs=1e-6) and steps[0]["is_weight_max"] == pytest.approx(1.0, abs=1e-5)
     assert steps[1]["old_logprob_gap"] > steps[0]["old_logprob_gap"]  # the batch's logprobs are now a step stale
+
+
+def test_a_misspelled_deepspeed_key_is_named_and_frees_the_ranks(ray_session, tiny_model_dir):
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["run.threads=1",
+                         "trainer.deepspeed={zero_optimization: {offload_optimiser: {device: cpu}}}"])
+    before = set(ray_session.util.placement_group_table())
+    with pytest.raises(RecipeError, match=r"trainer.deepspeed .*DeepSpeedZeroConfig.*offload_optimiser: Extra inputs"):
+        start_trainers(recipe, str(tiny_model_dir))
+    table = ray_session.util.placement_group_table()
+    ours = [g for key, g in table.items() if key not in before]
+    assert len(ours) == 1 and ours[0]["state"] == "REMOVED"
