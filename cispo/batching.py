@@ -50,11 +50,12 @@ def assign(lengths: list[int], ranks: int, cfg: TrainerConfig) -> list[list[list
     for rows in per_rank:
         micro = []
         for i in rows:
-            grown = micro[-1] + [i] if micro else None
-            longest = max(lengths[j] for j in grown) if grown else 0
-            if grown and len(grown) <= cfg.micro_batch_size and (not cfg.length_bucketing or (
-                    len(grown) * longest <= cfg.micro_batch_tokens and lengths[i] >= MIN_FILL * longest)):
-                micro[-1] = grown
+            # Bucketed rows come longest first, so a micro-batch's first row is its longest.
+            fits = micro and len(micro[-1]) < cfg.micro_batch_size and (not cfg.length_bucketing or (
+                (len(micro[-1]) + 1) * lengths[micro[-1][0]] <= cfg.micro_batch_tokens
+                and lengths[i] >= MIN_FILL * lengths[micro[-1][0]]))
+            if fits:
+                micro[-1].append(i)
             else:
                 micro.append([i])
         plan.append(micro)

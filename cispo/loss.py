@@ -70,7 +70,7 @@ def token_weights(mask, normalization: str, group_index=None) -> torch.Tensor:
         return sequence if normalization == "sequence" else (sequence + token) / 2
     if normalization == "group":
         groups, inverse = torch.unique(group_index, return_inverse=True)
-        group_tokens = torch.zeros(len(groups)).index_add_(0, inverse, row_tokens.squeeze(1))
+        group_tokens = torch.zeros(len(groups), device=mask.device).index_add_(0, inverse, row_tokens.squeeze(1))
         return mask / group_tokens[inverse].clamp(min=1).unsqueeze(1) / (group_tokens > 0).sum().clamp(min=1)
     raise ValueError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
 
