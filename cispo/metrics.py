@@ -1,8 +1,12 @@
-"""Per-step records: one console line, metrics.jsonl, and wandb (offline by default)."""
+"""Per-step records: phase timings, the rollout's figures, one console line, metrics.jsonl, and wandb
+(offline by default)."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cispo.config import Recipe
@@ -16,6 +20,22 @@ _CONSOLE = [("reward_mean", "reward", ".3f"), ("response_length_mean", "len", ".
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return float(ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]) if ordered else 0.0
+
+
+class Timer:
+    """Seconds per phase within one step; repeated phases (refill draws) add up."""
+
+    def __init__(self):
+        self.start, self.spent = time.perf_counter(), {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.spent[phase] += time.perf_counter() - t0
+
+    def seconds(self) -> dict:
+        return {**{f"time_{k}_s": v for k, v in self.spent.items()}, "time_step_s": time.perf_counter() - self.start}
 
 
 class MetricsLog:
@@ -32,7 +52,8 @@ class MetricsLog:
             self.wandb = wandb.init(project=recipe.wandb.project, mode=recipe.wandb.mode, dir=str(run_dir),
                                     config=recipe.model_dump(mode="json"), name=run_dir.name)
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict) -> dict:
+        """Append one step's row (plus the run's constants) and print its progress line; returns the row."""
         row = {**row, **self.constant}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -40,6 +61,7 @@ class MetricsLog:
             self.wandb.log(row, step=row["step"])
         shown = " ".join(f"{label} {row[key]:{fmt}}" for key, label, fmt in _CONSOLE if key in row)
         print(f"step {row['step']}/{self.total} {shown}", flush=True)
+        return row
 
     def truncate(self, last_step: int) -> None:
         """On resume, drop rows of steps after the checkpoint (they will be logged again)."""
@@ -55,3 +77,9 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def time_medians(rows: list[dict]) -> dict:
+    """Median seconds of each phase over the run's steps (none with run.max_steps=0)."""
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith("time_")]
+    return {f"median_{k}": statistics.median(r[k] for r in rows) for k in keys}
