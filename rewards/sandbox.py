@@ -181,11 +181,11 @@ class _Server:
         STATE_DIR.mkdir(mode=0o700, exist_ok=True)
         self.uid, self._uid_lock = _claim_uid()
         self.pid_owner = os.getpid()
-        self._root = None if level == "bwrap" else tempfile.mkdtemp(prefix="cispo-sbx-")
+        self._root = None if level in ("bwrap", "mountns") else tempfile.mkdtemp(prefix="cispo-sbx-")
         if level == "bwrap":
             prefix, work, io = _bwrap_prefix(), "/tmp/work", "/io"
-        elif level == "mountns":  # self._root: where the namespace mounts its new root
-            prefix, work, io = _mountns_prefix(self._root), "/tmp/work", "/io"
+        elif level == "mountns":  # each namespace mounts its own new root over STATE_DIR, unseen outside
+            prefix, work, io = _mountns_prefix(str(STATE_DIR)), "/tmp/work", "/io"
         else:
             os.chmod(self._root, 0o711)  # the worker uid may enter its work dir, not list the root
             prefix, work, io = [], f"{self._root}/work", f"{self._root}/io"
