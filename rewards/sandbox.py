@@ -349,8 +349,9 @@ def _probe() -> tuple[str | None, dict[str, str]]:
 
 def isolation(min_isolation: str = "mountns") -> str:
     """The isolation level programs run at here: 'bwrap', 'mountns', 'uid' or 'rlimits', the
-    strongest whose probe passed (probed once per process, on first use). Raises SandboxUnavailable,
-    one line naming what each stronger level lacks, when it is weaker than `min_isolation`."""
+    strongest whose probe passed (probed once per process, on first use; with $CISPO_SANDBOX_LEVEL
+    set, only that level is probed). Raises SandboxUnavailable, one line naming what each stronger
+    level lacks and how to install it, when the level is weaker than `min_isolation`."""
     global _probed
     if min_isolation not in LEVELS:
         raise ValueError(f"min_isolation {min_isolation!r}: valid: {', '.join(LEVELS)}")
