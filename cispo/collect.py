@@ -19,6 +19,7 @@ from cispo.metrics import Timer, percentile
 from cispo.sampling import dynamic_sample
 from rewards.pool import ScoringPool
 from rewards.registry import build as build_reward
+from rewards.types import RewardInput
 from rollout.engine import Completion, Request, SamplingParams
 from rollout.model import load_tokenizer
 from rollout.worker import RolloutPool
@@ -79,8 +80,8 @@ class Collector:
     def __init__(self, recipe: Recipe, tok, rollout, scorer: ScoringPool):
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
         try:
-            self.rewards = {s.name: build_reward(recipe.reward, s.name) for s in recipe.data.mix()}
-        except ValueError as exc:  # a 'module:function' that does not import
+            self.rewards = {s.name: build_reward(recipe.reward, s.name, recipe.search_dirs()) for s in recipe.data.mix()}
+        except ValueError as exc:  # a 'module:function' that does not import, a sandbox too weak for 'code'
             raise RecipeError(str(exc)) from None
 
     def sampling(self, temperature: float | None = None, max_new_tokens: int | None = None) -> SamplingParams:
@@ -113,8 +114,9 @@ class Collector:
         results = [None] * len(completions)
         for name, reward in self.rewards.items():
             rows = [i for i, c in enumerate(completions) if prompts[c.request_index].source == name]
-            items = [(texts[i], prompts[completions[i].request_index].answer) for i in rows]
-            for i, result in zip(rows, self.scorer.map(reward, items)):
+            inputs = [RewardInput(p.text, texts[i], p.answer, p.source, tuple(completions[i].token_ids), p.fields)
+                      for i in rows for p in [prompts[completions[i].request_index]]]
+            for i, result in zip(rows, self.scorer.map(reward, inputs)):
                 results[i] = result
         return torch.tensor([r.score for r in results]), [r.status for r in results]
 

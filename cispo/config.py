@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rewards.config import RewardConfig
 from rollout.config import ModelConfig, RolloutConfig
@@ -246,6 +246,16 @@ class Recipe(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    _origin: Path | None = PrivateAttr(None)  # the recipe file it was loaded from
+
+    def search_dirs(self) -> list[str]:
+        """Where a user's reward module ('module:function') is looked for, besides sys.path: the working
+        directory and the recipe file's directory."""
+        return [str(Path.cwd())] + ([str(self._origin.parent.resolve())] if self._origin else [])
+
+    def uses_sandbox(self) -> bool:
+        """Whether any data source is scored by running code (reward 'code')."""
+        return any(self.reward.sources.get(s.name, self.reward.name) == "code" for s in self.data.mix())
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -328,9 +338,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"override {item!r} is not key=value")
         _set_dotted(tree, key.strip(), value)
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as err:
         raise _explain(err, str(path)) from None
+    recipe._origin = path
+    return recipe
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

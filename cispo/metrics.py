@@ -39,10 +39,11 @@ class Timer:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, recipe: Recipe, sandbox: str | None = None):
+    def __init__(self, run_dir: Path, recipe: Recipe, constant: dict | None = None):
+        """`constant`: figures that hold for the whole run and go in every row (the sandbox's isolation
+        level, data rows skipped), so that they can't go unnoticed in any slice of the log."""
         self.path = run_dir / "metrics.jsonl"
-        # The code sandbox's isolation level goes in every row, so a weaker fallback can't go unnoticed.
-        self.constant = {"sandbox_isolation": sandbox} if sandbox else {}
+        self.constant = constant or {}
         self.total = recipe.run.max_steps
         self.wandb = None
         if recipe.wandb.mode != "disabled":
