@@ -132,7 +132,7 @@ class Collector:
 
         def draw(k: int, i: int) -> list[Group]:
             prompts = source.batch(step, k, stream=f"rl{i}")
-            return self.collect(prompts, [hash((seed, step, i, j)) % 2**31 for j in range(len(prompts))],
+            return self.collect(prompts, [derive_seed(seed, step, f"rl{i}", j) for j in range(len(prompts))],
                                 params, r.n_samples, timer)
 
         first = draw(self.recipe.data.prompts_per_step, 0)

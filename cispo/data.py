@@ -147,7 +147,7 @@ class PromptSource:
                 raise RecipeError(f"data source {s.name!r}: data.eval_size={self.cfg.eval_size} takes all "
                                   f"{len(problems)} generated problems (data.digits={self.cfg.digits}), leaving none "
                                   f"to train on; lower data.eval_size")
-            random.Random(self.seed).shuffle(problems)
+            random.Random(derive_seed(self.seed, 0, "split")).shuffle(problems)
             return problems[self.cfg.eval_size:], problems[:self.cfg.eval_size]
         if s.path is None:
             raise RecipeError(f"data source {s.name!r} ({s.format}) needs a path")
@@ -173,7 +173,7 @@ class PromptSource:
         return out
 
     def batch(self, step: int, size: int | None = None, stream: str = "rl") -> list[Prompt]:
-        rng = random.Random(f"{self.seed}/{stream}/{step}")
+        rng = random.Random(derive_seed(self.seed, step, stream))
         size = size or self.cfg.prompts_per_step
         weights = self.weights(step)
         if len(weights) == 1:  # one source: no draw for the shares, so single-source runs keep their order

@@ -12,6 +12,7 @@ from torch import nn
 
 from cispo.batching import TrainBatch, minibatches, shard
 from cispo.config import Recipe, RecipeError
+from cispo.data import derive_seed
 from cispo.loss import loss_metrics, token_loss
 from rollout.model import load_model, token_logprobs
 
@@ -260,7 +261,7 @@ class TrainerGroup:
         """K off-policy updates (algorithm.updates_per_batch), each a minibatch of whole prompt groups split
         over ranks and length-bucketed micro-batches; the ranks' figures merged into one row."""
         a, counts, plans = self.recipe.algorithm, Counter(), []
-        for rows in minibatches(batch.group_index, a.updates_per_batch, self.recipe.run.seed + step):
+        for rows in minibatches(batch.group_index, a.updates_per_batch, derive_seed(self.recipe.run.seed, step, "minibatches")):
             plan, tokens = shard(batch, rows, a.normalization, len(self.ranks), self.recipe.trainer)
             plans.append(plan)
             counts.update(tokens)
