@@ -8,6 +8,7 @@ from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
 from cispo.loop import _train
 from cispo.trainer import start_trainers
+from rollout.config import RolloutConfig
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import load_model, token_logprobs
 from rollout.worker import RolloutWorker
@@ -20,7 +21,7 @@ def test_trainer_learns_and_publishes_versioned_weights(ray_session, tiny_model_
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["sft.lr=0.003", "run.threads=2"])
     trainers = start_trainers(recipe, str(tiny_model_dir))
     trainer = trainers[0]
-    worker = RolloutWorker.remote(str(tiny_model_dir), tok.pad_token_id, 2)
+    worker = RolloutWorker.remote(str(tiny_model_dir), tok.pad_token_id, RolloutConfig(threads=2))
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     rows = [([tok.bos_token_id] + enc(f"{a}+{b}="), enc(f"\\boxed{{{a + b}}}") + [tok.eos_token_id])
             for a, b in [(1, 2), (3, 4), (10, 20), (7, 7)]]
