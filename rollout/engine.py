@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rollout.config import ENGINES, RolloutConfig
+from rollout.kernels import use_fla_lightning
 from rollout.model import HybridCache, fp32_logits, new_cache, use_decode_attention
 from rollout.sampling import sample, seed_key, uniforms
 
@@ -255,13 +256,19 @@ class CispoEngine:
     An engine is built as `Engine(model, config, pad_id, tokenizer)` from a loaded HF causal LM on
     its device, and offers `generate(requests) -> completions` (request order, then sample order),
     `load_weights(state_dict, version)` and `close()`. This one switches the model to the decode
-    attention kernel and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype.
+    attention kernel and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on CUDA a
+    MiniMax model's lightning attention runs fla's kernels (rollout.kernels).
     """
 
     def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None):
         self.model = model.eval()
         use_decode_attention(self.model)
         self.model.lm_head.float()
+        if self.model.lm_head.weight.is_cuda and self.model.config.model_type == "minimax":
+            try:
+                use_fla_lightning(self.model)
+            except ImportError as e:
+                print(f"warning: {e}; lightning attention stays on the torch path", flush=True)
         self.config, self.pad_id, self.tokenizer, self.version = config, pad_id, tokenizer, 0
 
     def generate(self, requests: list[Request]) -> list[Completion]:
