@@ -185,13 +185,16 @@ def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
                   [batch.samples[r] for r in keep])
 
 
-def _decode(model, batch: _Batch, tokens: torch.Tensor) -> None:
-    """Feed each row its sampled token; leaves the next logits pending."""
-    batch.mask = F.pad(batch.mask, (0, 1), value=1)
-    out = model.model(input_ids=tokens.unsqueeze(1), attention_mask=batch.mask,
-                      position_ids=batch.next_pos.unsqueeze(1), cache=batch.cache, use_cache=True)
-    batch.logits = fp32_logits(model, out.last_hidden_state[:, -1])
-    batch.next_pos = batch.next_pos + 1
+def decode_step(model, cache: HybridCache, mask: torch.Tensor, positions: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """Feed each row one token; returns the next fp32-head logits [rows, vocab].
+
+    `mask` [rows, cache length + 1] (0 marks left padding) already includes the new token;
+    `positions` and `tokens` are [rows]. The cache advances by one position.
+    """
+    out = model.model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions.unsqueeze(1),
+                      cache=cache, use_cache=True)
+    return fp32_logits(model, out.last_hidden_state[:, -1])
 
 
 def _step(batch: _Batch, decode) -> tuple[torch.Tensor, list[int]]:
@@ -246,7 +249,10 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
         tokens, keep = _step(batch, decode)
         batch = _leave(batch, keep)
         if batch:
-            _decode(model, batch, tokens[torch.tensor(keep, device=tokens.device)])
+            batch.mask = F.pad(batch.mask, (0, 1), value=1)
+            batch.logits = decode_step(model, batch.cache, batch.mask, batch.next_pos,
+                                       tokens[torch.tensor(keep, device=tokens.device)])
+            batch.next_pos = batch.next_pos + 1
     return [Completion(s.q, s.s, s.tokens, s.logprobs, s.finish, weight_version) for group in samples for s in group]
 
 
