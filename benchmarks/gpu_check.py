@@ -123,9 +123,10 @@ def _floor_ms(model, rows: int, context: int, peak_gbs: float) -> float:
     dense = size(model.parameters()) - expert_bytes - size(model.model.embed_tokens.parameters())
     head = model.lm_head.weight.numel() * 4  # read as fp32
     element = next(model.parameters()).element_size()
+    head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
     softmax = sum(t == "full_attention" for t in c.layer_types)
-    kv = softmax * rows * context * 2 * c.num_key_value_heads * c.head_dim * element
-    linear = (len(c.layer_types) - softmax) * rows * c.num_attention_heads * c.head_dim ** 2 * 4 * 2
+    kv = softmax * rows * context * 2 * c.num_key_value_heads * head_dim * element
+    linear = (len(c.layer_types) - softmax) * rows * c.num_attention_heads * head_dim ** 2 * 4 * 2
     return (dense - model.lm_head.weight.numel() * element + head + reachable * expert_bytes + kv + linear) \
         / (peak_gbs * 1e9) * 1e3
 
@@ -138,11 +139,11 @@ def check_decode(args) -> None:
         for context in args.contexts:
             for rows in args.rows:
                 seconds, mib = per_step_seconds(model, context, args.steps, rows)
-                cells[f"{rows}x{context // 1024}k"] = {"ms": round(seconds * 1e3, 3), "state_mib": round(mib, 1),
+                cells[f"{rows}x{context}"] = {"ms": round(seconds * 1e3, 3), "state_mib": round(mib, 1),
                                                       "floor_ms": round(_floor_ms(model, rows, context, args.peak_gbs), 3)}
                 if args.device.type == "cuda":
                     torch.cuda.empty_cache()
-        first, last = f"{args.rows[-1]}x{args.contexts[0] // 1024}k", f"{args.rows[-1]}x{args.contexts[-1] // 1024}k"
+        first, last = f"{args.rows[-1]}x{args.contexts[0]}", f"{args.rows[-1]}x{args.contexts[-1]}"
         emit("decode", model=kind, dtype=str(args.dtype), peak_gbs=args.peak_gbs, cells=cells,
              ratio_longest_over_shortest_context=round(cells[last]["ms"] / cells[first]["ms"], 2))
         del model
