@@ -5,6 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from rollout import engine
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import build_hybrid, fp32_logits, use_decode_attention
+from tests.rollout.reference import teacher_forced
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
 ARCHITECTURES = ["minimax", "llama", "qwen2"]
@@ -22,13 +23,6 @@ def _model(arch="minimax", **overrides):
     return model_class(config_class(**{**shape, **overrides})).eval()
 
 
-def _teacher_forced(model, prompt, tokens, temperature=1.0):
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = fp32_logits(model, model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1])
-    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups(arch):
     model = _model(arch)
@@ -36,7 +30,7 @@ def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups(a
     out = generate(model, [Request(p, n=3, seed=i, params=params) for i, p in enumerate(PROMPTS)], pad_id=0)
     assert [(c.request_index, c.sample_index) for c in out] == [(q, s) for q in range(3) for s in range(3)]
     for c in out:
-        expected = _teacher_forced(model, PROMPTS[c.request_index], c.token_ids, temperature=0.7)
+        expected = teacher_forced(model, PROMPTS[c.request_index], c.token_ids, temperature=0.7)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
@@ -65,7 +59,7 @@ def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypat
     # The 300-token request outgrows the KV's first allocation (length + 256 positions).
     assert max(len(c.token_ids) for c in out) == 300
     for c in out:
-        expected = _teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+        expected = teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 

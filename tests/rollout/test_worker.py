@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from rollout.config import RolloutConfig
 from rollout.engine import Request, SamplingParams, generate
-from rollout.model import fp32_logits, load_model
+from rollout.model import load_model
 from rollout.worker import RolloutPool, balance
+from tests.rollout.reference import teacher_forced
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 7], [1, 9, 10, 11, 12], [1, 4, 4]]
 
@@ -86,10 +87,7 @@ def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
     ours = generate(model, requests[:1], pad_id=0)[0]
     assert (out[0].token_ids, out[0].finish_reason) == (ours.token_ids, ours.finish_reason)
     for c in out:
-        prompt = requests[c.request_index].prompt_ids
-        with torch.no_grad():
-            hidden = model.model(input_ids=torch.tensor([prompt + c.token_ids])).last_hidden_state[0, len(prompt) - 1:-1]
-        expected = torch.log_softmax(fp32_logits(model, hidden), -1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        expected = teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
     assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out[1:])
 
