@@ -20,6 +20,14 @@ Checks (each catches its own failure and prints {"check": ..., "error": ...} ins
   utilization 6 · active parameters · tokens/s over `--peak-tflops` (bf16 dense). Target bf16 >= 1.5x fp32.
 - recipe (only with --recipe): `cispo train recipes/tiny-arith.yaml` with rollout and trainer on one GPU.
 
+On the GPU test machine (../shared/gpu/README.md): fill .whl/ with fetch-wheels.sh plus
+`pip download --no-deps -d .whl fla-core==0.6.0 einops` (both pure Python; Triton is there), send
+.whl/ and a copy of ray_inprocess/, then run
+`pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
+`PYTHONPATH=RAY_INPROCESS_COPY:/tmp/site:$PWD python3 benchmarks/gpu_check.py --recipe`.
+The stand-in has no `ray.get_gpu_ids`, which RolloutWorker reads: `--recipe` needs it added there
+(returning [0]); the other checks call no worker.
+
 The model: hidden 1024, 8 layers in M1's 7:1 layout, 16 heads of 64 (2 KV heads), 8 experts top-2 of
 width 1024, a 32k vocabulary (--cpu: the "small" preset with a 4k vocabulary, shorter contexts).
 """
