@@ -169,7 +169,8 @@ def _start_actors(recipe: Recipe, model_dir: str, pad_id: int):
             actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
     r = recipe.rollout
-    rollout = RolloutPool.start(r.num_workers, model_dir, pad_id, r.model_copy(update={"threads": r.threads or recipe.run.threads}),
+    rollout = RolloutPool.start(r.num_workers, model_dir, pad_id,
+                                r.model_copy(update={"threads": r.threads or recipe.run.threads}),
                                 options=recipe.resources.rollout.ray_options())
     trainers = start_trainers(recipe, model_dir)
     nodes = ray.get([a.node.remote() for a in rollout.workers + trainers])

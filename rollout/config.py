@@ -66,10 +66,10 @@ class RolloutConfig(Section):
     max_batch_rows: int = Field(256, ge=1, description="sequences one worker decodes together; queued requests "
                                 "join as rows finish")
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")
-    engine: str = Field("cispo", description="the decode engine a worker runs: cispo (ours: continuous batching, "
-                        "any supported HF causal LM) | hf (transformers' generate, one request at a time; the baseline)")
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp32; "
-                       "the LM head stays fp32 either way (M1 §3.2)")
+    engine: str = Field("cispo", description="the decode engine a worker runs (ENGINES): cispo (ours: continuous "
+                        "batching, any supported HF causal LM) | hf (transformers' generate, one request at a time)")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
+                                                   "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 
     @field_validator("engine")
     @classmethod
