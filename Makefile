@@ -7,10 +7,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 setup: $(VENV)/.installed
 
 # torch first: the CPU wheel; deepspeed installed first would pull a ~3 GB CUDA torch (DESIGN §5).
-# bubblewrap (Debian) isolates the code sandbox; without it the sandbox falls back to weaker layers.
+# bubblewrap (Debian) isolates the code sandbox; without it, as root, util-linux builds the same (mountns).
 $(VENV)/.installed: pyproject.toml
 	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
-		|| echo "warning: bubblewrap not installed; the code sandbox will use weaker isolation"
+		|| echo "warning: bubblewrap not installed; the code sandbox needs root and util-linux for its mountns level instead"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -8,10 +8,45 @@ does not do.)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 
-from cispo.config import TrainerConfig
+from cispo.advantages import advantages
+from cispo.config import AlgorithmConfig, TrainerConfig
 from cispo.loss import token_weights
+from cispo.sampling import overlong
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded [prompt + response] rows, what the controller sends the trainer ranks.
+
+    B rows of T tokens; per-token tensors are [B, T-1], aligned with the targets input_ids[:, 1:]:
+    - input_ids [B, T] long, padded with a real token (see `pad_rows`);
+    - loss_mask [B, T-1] float, 1 where the target is a response token that gets a loss;
+    - lengths [B] long, prompt + response tokens of each row;
+    - old_logprobs [B, T-1] float, log π_old of each response token (rollout-time, fp32 head), 0 elsewhere;
+    - advantages [B] float, A_i of each response (cispo.advantages);
+    - group_index [B] long, the prompt group of each row (group normalization, whole-group minibatches);
+    - weights [B, T-1] float or None, per-token loss weights of the whole minibatch (set by `shard`).
+    """
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    lengths: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    group_index: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def rows(self, index, width: int | None = None) -> TrainBatch:
+        """The rows `index`, cut to `width` tokens (default: all)."""
+        width = width or self.input_ids.shape[1]
+        cut = lambda t: t if t is None else t[index][:, :width - 1] if t.dim() == 2 else t[index]
+        return TrainBatch(self.input_ids[index][:, :width], *(cut(getattr(self, f.name)) for f in fields(self)[1:]))
+
+    def to(self, device) -> TrainBatch:
+        return TrainBatch(*(None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)))
 
 
 # Bucketed, a row shorter than this share of its micro-batch's longest starts a new one, so no
@@ -63,38 +98,36 @@ def assign(lengths: list[int], ranks: int, cfg: TrainerConfig) -> list[list[list
     return [m + [[] for _ in range(count - len(m))] for m in plan]
 
 
-def shard(batch: dict, rows: torch.Tensor, normalization: str, ranks: int, cfg: TrainerConfig) -> tuple[list[list[dict]], dict]:
-    """One minibatch (`rows` of `batch`) as each rank's micro-batches, carrying the loss weights of the
-    whole minibatch (cispo.loss.token_weights), plus its padded and real token counts.
-
-    `batch` holds `input_ids` [B, T], `lengths` [B], per-token [B, T-1] tensors (`loss_mask`, ...),
-    per-row [B] tensors (`advantages`) and optionally `group_index` [B]."""
-    groups = batch["group_index"][rows] if "group_index" in batch else None
-    weights = token_weights(batch["loss_mask"][rows], normalization, groups)
-    lengths = batch["lengths"][rows].tolist()
-    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in ("lengths", "group_index")]
+def shard(batch: TrainBatch, rows: torch.Tensor, normalization: str, ranks: int,
+          cfg: TrainerConfig) -> tuple[list[list[TrainBatch]], dict]:
+    """One minibatch (`rows` of `batch`) as each rank's micro-batches [rank][micro-batch], each carrying
+    its slice of the whole minibatch's loss weights (cispo.loss.token_weights), plus the minibatch's
+    padded and real token counts."""
+    minibatch = batch.rows(rows)
+    weights = token_weights(minibatch.loss_mask, normalization, minibatch.group_index)
+    lengths = minibatch.lengths.tolist()
     counts = {"padded_tokens": 0, "real_tokens": 0}
     out = []
     for micro in assign(lengths, ranks, cfg):
         mbs = []
         for pos in micro:
-            # An empty slot gets a zero-weight 2-token stand-in: every rank runs as many backwards (collectives).
-            width = max(lengths[p] for p in pos) if pos else 2
-            mb = {k: batch[k][rows[pos or [0]]] for k in keys}
-            mb = {k: v[:, :width] if k == "input_ids" else v[:, :width - 1] if v.dim() == 2 else v for k, v in mb.items()}
-            mb["weights"] = weights[pos, :width - 1] if pos else torch.zeros(1, width - 1)
-            if not pos:
-                mb["loss_mask"] = torch.zeros_like(mb["loss_mask"])
-            counts["padded_tokens"] += len(pos) * width
+            if pos:
+                width = max(lengths[p] for p in pos)
+                mb = replace(minibatch.rows(pos, width), weights=weights[pos, :width - 1])
+            else:  # a zero-weight 2-token stand-in: every rank runs as many backwards (collectives)
+                mb = minibatch.rows([0], 2)
+                mb = replace(mb, loss_mask=torch.zeros_like(mb.loss_mask), weights=torch.zeros_like(mb.loss_mask))
+            counts["padded_tokens"] += len(pos) * mb.input_ids.shape[1]
             counts["real_tokens"] += sum(lengths[p] for p in pos)
             mbs.append(mb)
         out.append(mbs)
     return out, counts
 
 
-def pad_rows(rows: list[tuple[list[int], list[int]]], filler_id: int) -> dict:
-    """[prompt + response] rows, right-padded (exact for a causal model): `input_ids`, `loss_mask` over
-    the response targets, and `lengths`.
+def pad_rows(rows: list[tuple[list[int], list[int]]], filler_id: int) -> TrainBatch:
+    """[prompt + response] token rows as a TrainBatch, right-padded (exact for a causal model), with the
+    loss mask over the response targets, each row its own group, and zero old logprobs and advantages
+    (the supervised warm start's batch; the RL batch fills them in).
 
     Fill with a real token such as EOS, not the pad id: the pad embedding is all zeros, and zero rows
     gave NaN gradients in layer 0's lightning attention (measured on this model; grads finite otherwise).
@@ -105,4 +138,26 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], filler_id: int) -> dict:
     for i, (p, r) in enumerate(rows):
         ids[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
-    return {"input_ids": ids, "loss_mask": mask, "lengths": torch.tensor([len(p) + len(r) for p, r in rows])}
+    lengths = torch.tensor([len(p) + len(r) for p, r in rows])
+    return TrainBatch(ids, mask, lengths, torch.zeros_like(mask), torch.zeros(len(rows)), torch.arange(len(rows)))
+
+
+def rl_batch(groups: list, algorithm: AlgorithmConfig, window: int, filler_id: int) -> TrainBatch:
+    """The training batch of one step's kept groups (cispo.collect.Group): the recipe's overlong rule,
+    advantages (Eq. 2 or the recipe's estimator), and each response's rollout logprobs as π_old."""
+    a = algorithm
+    completions = [c for g in groups for c in g.completions]
+    rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [c.finish_reason for c in completions],
+                             [len(c.token_ids) for c in completions], mode=a.overlong, budget=window,
+                             buffer=a.overlong_buffer, penalty=a.overlong_penalty)
+    # A sandbox failure is the harness's fault, not the response's: train on neither outcome.
+    keep &= torch.tensor([s != "sandbox_error" for g in groups for s in g.statuses])
+    group_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g.completions) for g in groups]))
+    rows = [(g.prompt_ids, c.token_ids) for g in groups for c in g.completions]
+    batch = pad_rows(rows, filler_id)
+    batch.loss_mask *= keep.unsqueeze(1)
+    for i, ((prompt, _), c) in enumerate(zip(rows, completions)):
+        batch.old_logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
+    batch.group_index = group_index
+    batch.advantages = advantages(rewards, group_index, a.advantage)
+    return batch

@@ -1,4 +1,4 @@
-"""`cispo train|plan|filter RECIPE [key=value ...]`, `cispo report RUN_DIR`, `cispo export RUN_DIR OUT_DIR`."""
+"""`cispo train|eval|plan|filter RECIPE [key=value ...]`, `cispo report RUN_DIR`, `cispo export RUN_DIR OUT_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="run a recipe")
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="dotted key=value, e.g. run.max_steps=10")
+    evaluate = sub.add_parser("eval", help="greedy accuracy (or pass@k) of a run or HF model on the recipe's held-out split")
+    evaluate.add_argument("recipe")
+    evaluate.add_argument("overrides", nargs="*", help="model=RUN_DIR|HF_DIR (default: the recipe's run.dir), "
+                          "then dotted key=value, e.g. eval.n_samples=8 eval.k=4")
+    evaluate.add_argument("--out", help="result JSON (default: eval.json in the run dir, or here for an HF dir)")
     report = sub.add_parser("report", help="plot a run's metrics to RUN_DIR/report.png")
     report.add_argument("run_dir")
     export = sub.add_parser("export", help="write a checkpoint as an HF save_pretrained directory")
@@ -65,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             result = run_training(recipe)
             if result.get("interrupted"):  # 128 + signal number, as a shell reports a signal
                 return 128 + signal.Signals[result["interrupted"]].value
+        elif args.command == "eval":
+            from cispo.evaluate import evaluate as evaluate_model
+
+            model = [o.partition("=")[2] for o in args.overrides if o.startswith("model=")]
+            overrides = [o for o in args.overrides if not o.startswith("model=")]
+            result = evaluate_model(load_recipe(args.recipe, overrides), model[-1] if model else None, args.out)
+            print(f"{result['metric']} {result['value']:.4f} on {result['prompts']} held-out prompts of "
+                  f"{args.recipe} ({', '.join(f'{k} {v:.4f}' for k, v in result['per_source'].items())}); "
+                  f"model {result['model']}; wrote {result['out']}")
         elif args.command == "report":
             _report(args.run_dir)
         elif args.command == "export":

@@ -2,19 +2,40 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rewards.config import RewardConfig
 from rollout.config import ModelConfig, RolloutConfig
 
 
+def registry(path: str):
+    """The registry at 'module:NAME' (cispo.registry.Registry). Imported on use: those modules import this one."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def choice(path: str, description: str, default=...):
+    """A field whose value must be a name registered in the registry at `path` ('module:NAME');
+    the valid names are those registered, so adding a choice never touches the config."""
+    return Field(default, description=description, json_schema_extra={"choices": path})
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _registered(cls, v, info):
+        extra = cls.model_fields[info.field_name].json_schema_extra or {}
+        if "choices" in extra and v is not None:
+            registry(extra["choices"])[v]  # ValueError naming the valid choices
+        return v
 
 
 class RunConfig(Section):
@@ -28,14 +49,11 @@ class RunConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads per actor; 0 uses every core")
 
 
-# How a data file's rows are read (cispo.data.LOADERS); "arith" is generated, no file.
-DataFormat = Literal["arith", "jsonl", "gsm8k", "math", "apps", "humaneval"]
-
-
 class SourceConfig(Section):
     name: str = Field(..., description="names the source in metrics and in reward.sources")
-    format: DataFormat = Field("jsonl", description="arith: generated; jsonl: 'prompt'/'answer'[/'target']; gsm8k; "
-                                                    "math: 'problem'/'solution' with \\boxed{}; apps; humaneval")
+    format: str = choice("cispo.data:FORMATS", "how rows are read: arith (generated, no file); jsonl: "
+                         "'prompt'/'answer'[/'target']; gsm8k; math: 'problem'/'solution' with \\boxed{}; apps; "
+                         "humaneval", "jsonl")
     path: str | None = Field(None, description="training rows (.jsonl or .jsonl.gz); not for arith")
     eval_path: str | None = Field(None, description="held-out rows in the same format")
     weight: float = Field(1.0, ge=0, description="share of each batch, relative to the other active sources")
@@ -44,7 +62,7 @@ class SourceConfig(Section):
 
 
 class DataConfig(Section):
-    source: DataFormat = Field("arith", description="the single source's format when data.sources is empty")
+    source: str = choice("cispo.data:FORMATS", "the single source's format when data.sources is empty", "arith")
     path: str | None = Field(None, description="JSONL with 'prompt' and 'answer' (or GSM8K 'question'/'answer')")
     eval_path: str | None = Field(None, description="held-out JSONL for evaluation")
     sources: list[SourceConfig] = Field(default_factory=list, description="a weighted mix of sources with a "
@@ -72,23 +90,23 @@ class DataConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["cispo", "cispo_masked", "grpo", "dapo", "ppo"] = Field(
-        "cispo", description="cispo: M1 Eq. 4-5; cispo_masked: Eq. 6-7; grpo/dapo/ppo: the PPO-clip surrogate")
+    name: str = choice("cispo.loss:LOSSES", "the policy loss: cispo: M1 Eq. 4-5; cispo_masked: Eq. 6-7; "
+                       "grpo/dapo/ppo: the PPO-clip surrogate", "cispo")
     eps_high: float = Field(..., gt=0, description="upper clip of the IS weight; M1 does not publish it, so recipes state it")
     eps_low: float | None = Field(None, gt=0, validate_default=True,
                                   description="lower clip; M1 uses none; PPO-clip losses need it (DAPO: 0.2)")
-    normalization: Literal["group", "token", "sequence", "sample_token"] | None = Field(
-        None, validate_default=True,
+    normalization: str | None = Field(
+        None, validate_default=True, json_schema_extra={"choices": "cispo.loss:NORMALIZATIONS"},
         description="group: 1/Σ|o_i| per prompt (Eq. 4); token: batch token mean; sequence: mean of response "
                     "means; sample_token: M1 80k's sample-level loss with token normalization; "
                     "unset: the loss's own (cispo group, grpo sequence, dapo/ppo token)")
-    advantage: Literal["group_std", "no_std", "leave_one_out"] = Field(
-        "group_std", description="group_std: Eq. 2; no_std: Dr. GRPO; leave_one_out: RLOO baseline")
+    advantage: str = choice("cispo.advantages:ESTIMATORS",
+                            "group_std: Eq. 2; no_std: Dr. GRPO; leave_one_out: RLOO baseline", "group_std")
     dynamic_sampling: bool = Field(True, description="drop prompt groups whose rewards all agree and refill (DAPO, M1)")
     max_refill_draws: int = Field(4, ge=0, description="dynamic sampling: most extra generation rounds per step")
-    overlong: Literal["none", "zero", "mask", "soft"] = Field(
-        "none", description="responses cut by the budget or repetition: keep, reward 0, mask from the loss, "
-                            "or DAPO's soft overlong penalty")
+    overlong: str = choice("cispo.sampling:OVERLONG", "responses cut by the budget or repetition: none keeps "
+                           "them, zero sets their reward to 0, mask drops them from the loss, soft is DAPO's soft "
+                           "overlong penalty", "none")
     overlong_buffer: int = Field(0, ge=0, description="soft: the last N tokens of the budget, where the penalty ramps")
     overlong_penalty: float = Field(1.0, ge=0, description="soft: the penalty at the budget")
     updates_per_batch: int = Field(16, ge=1, description="off-policy minibatch updates per generation batch (M1: 16)")
@@ -99,26 +117,26 @@ class AlgorithmConfig(Section):
 
     @field_validator("eps_low")
     @classmethod
-    def _ppo_needs_eps_low(cls, v, info):
+    def _clip_from_below_needs_eps_low(cls, v, info):
         name = info.data.get("name")
-        if v is None and name in ("grpo", "dapo", "ppo"):
+        if v is None and name and registry("cispo.loss:LOSSES")[name].meta["needs_eps_low"]:
             raise ValueError(f"{name} clips the ratio from below too; state eps_low (GRPO and DAPO use 0.2)")
         return v
 
     @field_validator("normalization")
     @classmethod
     def _default_normalization(cls, v, info):
-        # Each loss's own paper normalizes differently; an explicit recipe value wins.
-        defaults = {"cispo": "group", "cispo_masked": "group", "grpo": "sequence", "dapo": "token", "ppo": "token"}
-        return v if v is not None else defaults.get(info.data.get("name"), "group")
+        # Each loss's own paper normalizes differently (registered with the loss); a recipe value wins.
+        name = info.data.get("name")
+        return v if v is not None or not name else registry("cispo.loss:LOSSES")[name].meta["normalization"]
 
 
 class OptimConfig(Section):
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(1e-6, gt=0, description="peak learning rate of the RL updates (M1 does not publish it)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="M1's AdamW betas")
     eps: float = Field(1e-15, gt=0, description="M1: 1e-8 stalls because most gradients are below 1e-14")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm to this (M1's 80k stage lowers it)")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, in optimizer steps")
 
 
@@ -127,13 +145,14 @@ class SFTConfig(Section):
     stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="end the warm start once greedy eval "
                                            "accuracy reaches this (checked every eval_every steps)")
     eval_every: int = Field(50, ge=1, description="warm-start steps between accuracy checks")
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="learning rate of the warm start (constant)")
+    batch_size: int = Field(64, ge=1, description="prompts per warm-start step, each with its demonstration")
 
 
 class TrainerConfig(Section):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks, one Ray actor each")
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 + "
+                            "gradients, 3 + parameters sharded over the ranks")
     micro_batch_size: int = Field(64, ge=1, description="most sequences per forward/backward")
     micro_batch_tokens: int = Field(16384, ge=1, description="most padded tokens (sequences x longest) per "
                                     "forward/backward; a longer sequence goes alone (with length_bucketing)")
@@ -153,9 +172,24 @@ class TrainerConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """`cispo eval` and the accuracy a run reports before and after RL use greedy decoding; `cispo eval`
+    can estimate pass@k instead."""
+    n_samples: int = Field(1, ge=1, description="cispo eval: samples per held-out prompt; 1 scores greedy accuracy")
+    k: int = Field(1, ge=1, description="cispo eval: pass@k, the unbiased estimate from n_samples samples "
+                                       "(Chen et al. 2021)")
+
+    @model_validator(mode="after")
+    def _k_at_most_n(self):
+        if self.k > self.n_samples:
+            raise ValueError(f"eval.k={self.k} needs at least that many eval.n_samples (got {self.n_samples})")
+        return self
+
+
 class WandbConfig(Section):
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "cispo"
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline writes under "
+                                                           "RUN_DIR/wandb (wandb sync uploads it later)")
+    project: str = Field("cispo", description="the wandb project")
 
 
 class StagesConfig(Section):
@@ -192,7 +226,7 @@ class RoleResources(Section):
 
 class ResourcesConfig(Section):
     nodes: int = Field(1, ge=1, description="machines in the cluster (what `cispo plan` checks the roles against)")
-    gpus_per_node: int = Field(0, ge=0)
+    gpus_per_node: int = Field(0, ge=0, description="GPUs on each machine (what `cispo plan` checks against)")
     gpu_memory_gb: float = Field(80.0, gt=0, description="memory per GPU; M1 trained on H800s (80 GB)")
     rollout: RoleResources = Field(default_factory=RoleResources, description="per RolloutWorker actor")
     trainer: RoleResources = Field(default_factory=RoleResources, description="per DeepSpeed rank actor")
@@ -207,10 +241,21 @@ class Recipe(Section):
     algorithm: AlgorithmConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    _origin: Path | None = PrivateAttr(None)  # the recipe file it was loaded from
+
+    def search_dirs(self) -> list[str]:
+        """Where a user's reward module ('module:function') is looked for, besides sys.path: the working
+        directory and the recipe file's directory."""
+        return [str(Path.cwd())] + ([str(self._origin.parent.resolve())] if self._origin else [])
+
+    def uses_sandbox(self) -> bool:
+        """Whether any data source is scored by running code (reward 'code')."""
+        return any(self.reward.sources.get(s.name, self.reward.name) == "code" for s in self.data.mix())
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -271,7 +316,7 @@ def _explain(err: ValidationError, where: str) -> RecipeError:
         return RecipeError(f"{where}: unknown key '{key}'{hint}")
     if e["type"] == "missing":
         return RecipeError(f"{where}: missing required key '{key}'")
-    return RecipeError(f"{where}: key '{key}' = {e.get('input')!r}: {e['msg']}")
+    return RecipeError(f"{where}: key '{key}' = {e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -293,10 +338,44 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"override {item!r} is not key=value")
         _set_dotted(tree, key.strip(), value)
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as err:
         raise _explain(err, str(path)) from None
+    recipe._origin = path
+    return recipe
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def recipe_keys() -> str:
+    """The recipe-key reference (docs/recipe-keys.md) as Markdown, generated from the field descriptions
+    and the registries, so it cannot drift from the code: `python -m cispo.config > docs/recipe-keys.md`."""
+    lines = ["# Recipe keys", "", "Generated by `python -m cispo.config` from the typed config (`cispo/config.py`, "
+             "`rollout/config.py`, `rewards/config.py`). Every key can be set in a recipe or on the command line "
+             "as `section.key=value`; `data.sources[]` keys belong to each item of the `data.sources` list.", ""]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows, sections = [], []
+        for name, field in model.model_fields.items():
+            listed = typing.get_origin(field.annotation) is list
+            inner = typing.get_args(field.annotation)[0] if listed else field.annotation
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                sections.append((inner, f"{prefix}{name}{'[]' if listed else ''}."))
+                continue
+            default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
+            extra = field.json_schema_extra or {}
+            choices = f" Choices: {', '.join(registry(extra['choices']).names())}." if "choices" in extra else ""
+            rows.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')}{choices} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.')}`", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for inner, sub in sections:
+            walk(inner, sub)
+
+    walk(Recipe, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(recipe_keys(), end="")

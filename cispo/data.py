@@ -3,15 +3,29 @@ with a curriculum, drawn per step from a seeded stream."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cispo.config import DataConfig, RecipeError, SourceConfig
+from cispo.registry import Registry
 from rewards.math import last_boxed
+
+# How a source's rows become prompts: a row loader `fn(row: dict) -> Prompt` raising KeyError /
+# TypeError / ValueError on a malformed row, or (meta generated=True) a generator with no file.
+FORMATS = Registry("data format")
+
+
+def derive_seed(run_seed: int, step: int, stream: str, index: int = 0) -> int:
+    """A 32-bit seed for one random stream of a run: the data of step `step` in `stream` ("rl0", "sft",
+    "eval", ...), request `index`. A hash of the four (BLAKE2b), so it is the same in every process and
+    Python version (unlike `hash()`) and a resumed run redraws exactly what the original drew."""
+    digest = hashlib.blake2b(f"{run_seed}/{step}/{stream}/{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
 
 
 @dataclass(frozen=True)
@@ -20,6 +34,8 @@ class Prompt:
     answer: str  # what the reward compares against: a math answer, or code tests as JSON text
     reference: str | None = None  # a reference response for the warm start, when the data has one
     source: str = ""  # the data source's name: picks its reward (reward.sources) and labels its metrics
+    # The row's other columns (TRL passes them to reward functions as keyword lists).
+    fields: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def target(self) -> str:
@@ -27,6 +43,7 @@ class Prompt:
         return self.reference if self.reference is not None else f"\\boxed{{{self.answer}}}"
 
 
+@FORMATS.register("arith", generated=True)
 def arith_problems(digits: int, source: str = "arith") -> list[Prompt]:
     hi = 10**digits
     return [Prompt(f"{a}+{b}=", str(a + b), source=source) for a in range(hi) for b in range(hi)]
@@ -35,11 +52,13 @@ def arith_problems(digits: int, source: str = "arith") -> list[Prompt]:
 # ---------------------------------------------------------------- one row -> Prompt, per format
 # Each raises KeyError / TypeError / ValueError on a malformed row; `read_rows` names its file:line.
 
+@FORMATS.register("jsonl")
 def _jsonl(row: dict) -> Prompt:
     text = row["prompt"] if "prompt" in row else row["question"]
     return Prompt(str(text), str(row["answer"]).split("####")[-1].strip(), row.get("target"))
 
 
+@FORMATS.register("gsm8k")
 def _gsm8k(row: dict) -> Prompt:
     reasoning, sep, answer = row["answer"].rpartition("####")
     if not sep:
@@ -50,6 +69,7 @@ def _gsm8k(row: dict) -> Prompt:
     return Prompt(row["question"], answer, f"{steps}\n\\boxed{{{answer}}}")
 
 
+@FORMATS.register("math")
 def _math(row: dict) -> Prompt:
     answer = row.get("answer") or last_boxed(row["solution"])
     if not answer:
@@ -57,6 +77,7 @@ def _math(row: dict) -> Prompt:
     return Prompt(row["problem"], str(answer), row.get("solution"))
 
 
+@FORMATS.register("apps")
 def _apps(row: dict) -> Prompt:
     tests = row["input_output"]
     tests = json.loads(tests) if isinstance(tests, str) else tests
@@ -68,12 +89,10 @@ def _apps(row: dict) -> Prompt:
     return Prompt(text, json.dumps(tests), solutions[0] if solutions else None)
 
 
+@FORMATS.register("humaneval")
 def _humaneval(row: dict) -> Prompt:
     tests = {k: row[k] for k in ("prompt", "test", "entry_point")}  # what rewards.code runs `check` with
     return Prompt(row["prompt"], json.dumps(tests), row.get("canonical_solution"))
-
-
-LOADERS = {"jsonl": _jsonl, "gsm8k": _gsm8k, "math": _math, "apps": _apps, "humaneval": _humaneval}
 
 
 def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: bool = False) -> tuple[list[Prompt], int]:
@@ -90,7 +109,7 @@ def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: 
                 continue
             try:
                 row = json.loads(line)
-                prompt = LOADERS[fmt](row)
+                prompt = FORMATS[fmt].fn(row)
                 if not isinstance(prompt.text, str) or not prompt.text:
                     raise ValueError("empty prompt")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -99,7 +118,7 @@ def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: 
                                       f"data.on_bad_row=skip skips such rows") from None
                 skipped += 1
                 continue
-            prompts.append(Prompt(prompt.text, prompt.answer, prompt.reference, source))
+            prompts.append(replace(prompt, source=source, fields={k: v for k, v in row.items() if k != "prompt"}))
     return prompts, skipped
 
 
@@ -116,14 +135,19 @@ class PromptSource:
         for s in self.sources:
             train, held_out = self._load(s)
             if not train:
-                raise RecipeError(f"data source {s.name!r}: the training split is empty")
+                skipped = f" ({self.skipped[s.path]} bad rows skipped)" if s.path in self.skipped else ""
+                raise RecipeError(f"data source {s.name!r}: the training split {s.path} has no rows{skipped}")
             self.pools[s.name] = train
             self.eval += held_out[:cfg.eval_size]
 
     def _load(self, s: SourceConfig) -> tuple[list[Prompt], list[Prompt]]:
-        if s.format == "arith":
-            problems = arith_problems(self.cfg.digits, s.name)
-            random.Random(self.seed).shuffle(problems)
+        if FORMATS[s.format].meta.get("generated"):
+            problems = FORMATS[s.format].fn(self.cfg.digits, s.name)
+            if len(problems) <= self.cfg.eval_size:
+                raise RecipeError(f"data source {s.name!r}: data.eval_size={self.cfg.eval_size} takes all "
+                                  f"{len(problems)} generated problems (data.digits={self.cfg.digits}), leaving none "
+                                  f"to train on; lower data.eval_size")
+            random.Random(derive_seed(self.seed, 0, "split")).shuffle(problems)
             return problems[self.cfg.eval_size:], problems[:self.cfg.eval_size]
         if s.path is None:
             raise RecipeError(f"data source {s.name!r} ({s.format}) needs a path")
@@ -149,7 +173,7 @@ class PromptSource:
         return out
 
     def batch(self, step: int, size: int | None = None, stream: str = "rl") -> list[Prompt]:
-        rng = random.Random(f"{self.seed}/{stream}/{step}")
+        rng = random.Random(derive_seed(self.seed, step, stream))
         size = size or self.cfg.prompts_per_step
         weights = self.weights(step)
         if len(weights) == 1:  # one source: no draw for the shares, so single-source runs keep their order

@@ -2,29 +2,38 @@
 PPO-clip losses it was compared with (GRPO, DAPO). Each returns the quantity to minimize (−J).
 
 All tensors are [B, T] token grids; `advantages` may be [B] (one A_i per response) and `mask`
-marks response tokens. `policy_loss` picks the per-token objective by name and the normalization.
+marks response tokens. A loss is one function registered in `LOSSES` with its paper's normalization
+and whether it clips from below; a normalization is one function in `NORMALIZATIONS`.
+
+torch is not imported here: only tensor methods are used, so the config (and `cispo plan`) can check
+loss names against these registries without loading torch.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-LOSSES = ("cispo", "cispo_masked", "grpo", "dapo", "ppo")
-NORMALIZATIONS = ("group", "token", "sequence", "sample_token")
+from cispo.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+LOSSES = Registry("loss")                    # per-token −J; meta: normalization, needs_eps_low
+NORMALIZATIONS = Registry("normalization")   # mask [B, T] (, group_index [B]) -> weights [B, T]
 
 
-def _broadcast(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _broadcast(advantages: Tensor, like: Tensor) -> Tensor:
     # Every token of response i carries A_i, so [B] advantages spread over T.
     return advantages.unsqueeze(1).expand_as(like) if advantages.dim() == 1 else advantages
 
 
 def clipped_is_weight(logprobs, old_logprobs, *, eps_high: float, eps_low: float | None = None):
     """r_t = π_θ/π_old and r̂_t = clip(r_t, 1 − ε_low, 1 + ε_high); M1 sets no lower bound (ε_low = None)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = (logprobs - old_logprobs).exp()
     lower = None if eps_low is None else 1.0 - eps_low
-    return ratio, torch.clamp(ratio, min=lower, max=1.0 + eps_high)
+    return ratio, ratio.clamp(min=lower, max=1.0 + eps_high)
 
 
-def ppo_token_mask(ratio, advantages, *, eps_high: float, eps_low: float | None = None) -> torch.Tensor:
+def ppo_token_mask(ratio, advantages, *, eps_high: float, eps_low: float | None = None) -> Tensor:
     """M_t of Eq. 7: 0 where PPO-clip zeroes the gradient (A > 0, r > 1 + ε_high or A < 0, r < 1 − ε_low)."""
     a = _broadcast(advantages, ratio)
     zeroed = (a > 0) & (ratio > 1 + eps_high)
@@ -33,7 +42,7 @@ def ppo_token_mask(ratio, advantages, *, eps_high: float, eps_low: float | None 
     return (~zeroed).to(ratio.dtype)
 
 
-def masked_objective(logprobs, weight, advantages, token_mask) -> torch.Tensor:
+def masked_objective(logprobs, weight, advantages, token_mask) -> Tensor:
     """Per-token J of Eq. 6: sg(r̂_t) · A_i · M_t · log π_θ(o_t).
 
     The weight is detached, so the gradient flows only through log π. CISPO (Eq. 4) is M ≡ 1: no token
@@ -42,73 +51,101 @@ def masked_objective(logprobs, weight, advantages, token_mask) -> torch.Tensor:
     return weight.detach() * _broadcast(advantages, logprobs) * token_mask * logprobs
 
 
-def ppo_clip_objective(ratio, clipped, advantages) -> torch.Tensor:
+def ppo_clip_objective(ratio, clipped, advantages) -> Tensor:
     """Per-token PPO-clip surrogate min(r·A, r̂·A) (GRPO and DAPO): zero gradient where the clip binds."""
     a = _broadcast(advantages, ratio)
-    return torch.minimum(ratio * a, clipped * a)
+    return (ratio * a).minimum(clipped * a)
 
 
-def token_weights(mask, normalization: str, group_index=None) -> torch.Tensor:
-    """Per-token weights w with Σ w_t·ℓ_t the normalized loss, so a batch split into micro-batches
-    and ranks sums back to exactly the whole-batch value.
+# ---------------------------------------------------------------- the losses, each registered once
 
-    group:    M1 Eq. 4, 1/Σ_i|o_i| within each prompt group, then the mean over groups
-              (without group_index the batch is one group);
-    token:    the batch's token mean (DAPO), so long responses weigh more;
-    sequence: each response's token mean, then the mean over responses (GRPO), so each counts once;
-    sample_token: the mean of `sequence` and `token`; M1's 80k stage combines a sample-level loss with
-              token-level normalization but gives no formula, and this is our reading of it.
-    Empty rows (fully masked responses) and empty groups do not count in the means.
-    """
-    mask = mask.float()
-    token = mask / mask.sum().clamp(min=1)
-    if normalization == "token" or (normalization == "group" and group_index is None):  # one group: the token mean
-        return token
+@LOSSES.register("cispo", normalization="group", needs_eps_low=False)
+def cispo_token_loss(logprobs, old_logprobs, advantages, *, eps_high, eps_low=None):
+    """Eq. 4–5: every token keeps sg(r̂)·A·∇log π; no lower bound unless ε_low is given."""
+    _, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
+    return -masked_objective(logprobs, clipped, advantages, 1.0)
+
+
+@LOSSES.register("cispo_masked", normalization="group", needs_eps_low=False)
+def cispo_masked_token_loss(logprobs, old_logprobs, advantages, *, eps_high, eps_low=None):
+    """Eq. 6–7: CISPO's weight with PPO-clip's token mask."""
+    ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
+    m = ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)
+    return -masked_objective(logprobs, clipped, advantages, m)
+
+
+def _ppo_clip_token_loss(logprobs, old_logprobs, advantages, *, eps_high, eps_low):
+    ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
+    return -ppo_clip_objective(ratio, clipped, advantages)
+
+
+# The PPO-clip losses differ only in the normalization and ε a recipe sets (GRPO: sequence mean;
+# DAPO: token mean with ε_low 0.2, ε_high 0.28); each needs ε_low because it clips from below.
+LOSSES.register("grpo", normalization="sequence", needs_eps_low=True)(_ppo_clip_token_loss)
+LOSSES.register("dapo", normalization="token", needs_eps_low=True)(_ppo_clip_token_loss)
+LOSSES.register("ppo", normalization="token", needs_eps_low=True)(_ppo_clip_token_loss)
+
+
+# ---------------------------------------------------------------- normalizations: Σ w_t·ℓ_t is the loss
+
+@NORMALIZATIONS.register("group")
+def _group_weights(mask, group_index=None):
+    """M1 Eq. 4: 1/Σ_i|o_i| within each prompt group, then the mean over groups (no group_index: one group)."""
+    if group_index is None:
+        return _token_weights(mask)
+    groups, inverse = group_index.unique(return_inverse=True)
+    row_tokens = mask.sum(1)
+    group_tokens = row_tokens.new_zeros(len(groups)).index_add_(0, inverse, row_tokens)
+    return mask / group_tokens[inverse].clamp(min=1).unsqueeze(1) / (group_tokens > 0).sum().clamp(min=1)
+
+
+@NORMALIZATIONS.register("token")
+def _token_weights(mask, group_index=None):
+    """The batch's token mean (DAPO), so long responses weigh more."""
+    return mask / mask.sum().clamp(min=1)
+
+
+@NORMALIZATIONS.register("sequence")
+def _sequence_weights(mask, group_index=None):
+    """Each response's token mean, then the mean over responses (GRPO), so each counts once."""
     row_tokens = mask.sum(1, keepdim=True)
-    if normalization in ("sequence", "sample_token"):
-        sequence = mask / row_tokens.clamp(min=1) / (row_tokens > 0).sum().clamp(min=1)
-        return sequence if normalization == "sequence" else (sequence + token) / 2
-    if normalization == "group":
-        groups, inverse = torch.unique(group_index, return_inverse=True)
-        group_tokens = torch.zeros(len(groups), device=mask.device).index_add_(0, inverse, row_tokens.squeeze(1))
-        return mask / group_tokens[inverse].clamp(min=1).unsqueeze(1) / (group_tokens > 0).sum().clamp(min=1)
-    raise ValueError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+    return mask / row_tokens.clamp(min=1) / (row_tokens > 0).sum().clamp(min=1)
 
 
-def normalize(per_token, mask, normalization: str, group_index=None) -> torch.Tensor:
+@NORMALIZATIONS.register("sample_token")
+def _sample_token_weights(mask, group_index=None):
+    """The mean of `sequence` and `token`: M1's 80k stage combines a sample-level loss with token-level
+    normalization but gives no formula; this is our reading of it."""
+    return (_sequence_weights(mask) + _token_weights(mask)) / 2
+
+
+def token_weights(mask, normalization: str, group_index=None) -> Tensor:
+    """Per-token weights w [B, T] with Σ w_t·ℓ_t the normalized loss, so a batch split into
+    micro-batches and ranks sums back to exactly the whole-batch value. Fully masked rows and empty
+    groups do not count in the means. Raises ValueError for an unknown normalization."""
+    return NORMALIZATIONS[normalization].fn(mask.float(), group_index)
+
+
+def normalize(per_token, mask, normalization: str, group_index=None) -> Tensor:
     """Reduce masked per-token losses to a scalar (see `token_weights`)."""
     return (per_token * token_weights(mask, normalization, group_index).to(per_token.dtype)).sum()
 
 
 def token_loss(name: str, logprobs, old_logprobs, advantages, *, eps_high: float,
-               eps_low: float | None = None) -> torch.Tensor:
-    """Per-token −J of the loss `name`:
-
-    cispo:        Eq. 4–5, every token keeps sg(r̂)·A·∇log π;
-    cispo_masked: Eq. 6–7, CISPO's weight with PPO-clip's token mask;
-    grpo / dapo / ppo: the PPO-clip surrogate; they differ only in the ε and normalization a recipe sets
-                  (GRPO: sequence; DAPO: token with ε_low 0.2, ε_high 0.28).
-    """
-    ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
-    if name == "cispo":
-        return -masked_objective(logprobs, clipped, advantages, 1.0)
-    if name == "cispo_masked":
-        m = ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)
-        return -masked_objective(logprobs, clipped, advantages, m)
-    if name in ("grpo", "dapo", "ppo"):
-        return -ppo_clip_objective(ratio, clipped, advantages)
-    raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+               eps_low: float | None = None) -> Tensor:
+    """Per-token −J [B, T] of the registered loss `name`; ValueError for an unknown name."""
+    return LOSSES[name].fn(logprobs, old_logprobs, advantages, eps_high=eps_high, eps_low=eps_low)
 
 
 def policy_loss(name: str, logprobs, old_logprobs, advantages, mask, *, eps_high: float,
-                eps_low: float | None = None, normalization: str = "group", group_index=None) -> torch.Tensor:
+                eps_low: float | None = None, normalization: str = "group", group_index=None) -> Tensor:
     """−J for the loss `name` (`token_loss`), reduced with `normalization` (`token_weights`)."""
     per_token = token_loss(name, logprobs, old_logprobs, advantages, eps_high=eps_high, eps_low=eps_low)
     return normalize(per_token, mask, normalization, group_index)
 
 
 def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps_low: float | None = None,
-               group_index=None) -> torch.Tensor:
+               group_index=None) -> Tensor:
     """−J_CISPO (Eq. 4–5): −1/Σ_i|o_i| · Σ_i Σ_t sg(r̂_t) · A_i · log π_θ(o_t).
 
     With `group_index`, each prompt group is normalized by its own response tokens and groups are
@@ -118,10 +155,9 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps
                        normalization="group", group_index=group_index)
 
 
-@torch.no_grad()
 def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high: float,
                  eps_low: float | None = None) -> dict[str, float]:
-    """Per-update health figures over response tokens.
+    """Per-update health figures over response tokens (no gradient).
 
     ppo_zeroed_fraction is the share of tokens Eq. 7's mask zeroes at this ε: the high-ratio "fork"
     tokens PPO-clip would drop and CISPO keeps. approx_kl is k3 = (r − 1) − log r, an unbiased
@@ -130,7 +166,7 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
     on = mask.bool()
     if not on.any():  # a minibatch of fully masked responses (e.g. overlong "mask") has nothing to report
         return {}
-    ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
+    ratio, clipped = clipped_is_weight(logprobs.detach(), old_logprobs, eps_high=eps_high, eps_low=eps_low)
     r = ratio[on]
     zeroed = 1 - ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)[on]
     return {
@@ -138,6 +174,6 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
         "ppo_zeroed_fraction": float(zeroed.mean()),
         "is_weight_mean": float(r.mean()),
         "is_weight_max": float(r.max()),
-        "entropy": float(entropy[on].mean()),
+        "entropy": float(entropy.detach()[on].mean()),
         "approx_kl": float(((r - 1) - r.log()).mean()),
     }

@@ -1,8 +1,12 @@
-"""Per-step records: one console line, metrics.jsonl, and wandb (offline by default)."""
+"""Per-step records: phase timings, the rollout's figures, one console line, metrics.jsonl, and wandb
+(offline by default)."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cispo.config import Recipe
@@ -18,11 +22,28 @@ def percentile(values: list[float], q: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]) if ordered else 0.0
 
 
+class Timer:
+    """Seconds per phase within one step; repeated phases (refill draws) add up."""
+
+    def __init__(self):
+        self.start, self.spent = time.perf_counter(), {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.spent[phase] += time.perf_counter() - t0
+
+    def seconds(self) -> dict:
+        return {**{f"time_{k}_s": v for k, v in self.spent.items()}, "time_step_s": time.perf_counter() - self.start}
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, recipe: Recipe, sandbox: str | None = None):
+    def __init__(self, run_dir: Path, recipe: Recipe, constant: dict | None = None):
+        """`constant`: figures that hold for the whole run and go in every row (the sandbox's isolation
+        level, data rows skipped), so that they can't go unnoticed in any slice of the log."""
         self.path = run_dir / "metrics.jsonl"
-        # The code sandbox's isolation level goes in every row, so a weaker fallback can't go unnoticed.
-        self.constant = {"sandbox_isolation": sandbox} if sandbox else {}
+        self.constant = constant or {}
         self.total = recipe.run.max_steps
         self.wandb = None
         if recipe.wandb.mode != "disabled":
@@ -32,7 +53,8 @@ class MetricsLog:
             self.wandb = wandb.init(project=recipe.wandb.project, mode=recipe.wandb.mode, dir=str(run_dir),
                                     config=recipe.model_dump(mode="json"), name=run_dir.name)
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict) -> dict:
+        """Append one step's row (plus the run's constants) and print its progress line; returns the row."""
         row = {**row, **self.constant}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -40,6 +62,7 @@ class MetricsLog:
             self.wandb.log(row, step=row["step"])
         shown = " ".join(f"{label} {row[key]:{fmt}}" for key, label, fmt in _CONSOLE if key in row)
         print(f"step {row['step']}/{self.total} {shown}", flush=True)
+        return row
 
     def truncate(self, last_step: int) -> None:
         """On resume, drop rows of steps after the checkpoint (they will be logged again)."""
@@ -55,3 +78,9 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def time_medians(rows: list[dict]) -> dict:
+    """Median seconds of each phase over the run's steps (none with run.max_steps=0)."""
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith("time_")]
+    return {f"median_{k}": statistics.median(r[k] for r in rows) for k in keys}

@@ -1,54 +1,74 @@
 """Batch shaping between rewards and advantages: overlong responses and DAPO's dynamic sampling.
 
-Pure functions; the controller calls them and owns generation (DESIGN §3, step 4).
+Pure functions; the collection path (cispo.collect) calls them. torch is not imported here (tensor
+methods only), so the config can check overlong modes against `OVERLONG` cheaply.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+from cispo.registry import Registry
 
-OVERLONG = ("none", "zero", "mask", "soft")
+if TYPE_CHECKING:
+    from torch import Tensor
+
 TRUNCATED = ("length", "repetition")  # finish reasons of a response cut before it ended
+
+# (rewards [N], cut [N] bool, lengths [N], budget, buffer, penalty) -> (rewards [N], keep [N] bool)
+OVERLONG = Registry("overlong mode")
 
 Group = TypeVar("Group")
 
 
-def overlong(rewards: torch.Tensor, finish_reasons: Sequence[str], lengths: Sequence[int], *, mode: str,
-             budget: int, buffer: int = 0, penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the recipe's rule to responses cut by the budget or by repetition truncation.
+@OVERLONG.register("none")
+def _keep_overlong(rewards, cut, lengths, budget, buffer, penalty):
+    """Truncated responses are trained on like any other."""
+    return rewards, cut.new_ones(cut.shape)
 
-    Returns (rewards [N], keep [N] bool); the controller zeroes the loss mask of rows with keep False.
-    none: leave them; zero: their reward becomes 0; mask: they take part in their group's advantage
-    but get no loss (DAPO's overlong filtering); soft: DAPO's soft overlong punishment (Eq. 13), adding
-    −penalty·(|y| − (budget − buffer))/buffer over the last `buffer` tokens of the budget, and the full
-    −penalty to a truncated response, whose length says nothing about when it would have ended.
+
+@OVERLONG.register("zero")
+def _zero_overlong(rewards, cut, lengths, budget, buffer, penalty):
+    """A truncated response's reward becomes 0."""
+    return rewards.masked_fill(cut, 0.0), cut.new_ones(cut.shape)
+
+
+@OVERLONG.register("mask")
+def _mask_overlong(rewards, cut, lengths, budget, buffer, penalty):
+    """DAPO's overlong filtering: truncated responses count in their group's advantage but get no loss."""
+    return rewards, cut.logical_not()
+
+
+@OVERLONG.register("soft")
+def _soft_overlong(rewards, cut, lengths, budget, buffer, penalty):
+    """DAPO's soft overlong punishment (Eq. 13): −penalty·(|y| − (budget − buffer))/buffer over the last
+    `buffer` tokens of the budget, and the full −penalty for a truncated response, whose length says
+    nothing about when it would have ended."""
+    fraction = ((lengths - (budget - buffer)) / max(buffer, 1)).clamp(0, 1)
+    return rewards - penalty * fraction.masked_fill(cut, 1.0), cut.new_ones(cut.shape)
+
+
+def overlong(rewards: Tensor, finish_reasons: Sequence[str], lengths: Sequence[int], *, mode: str,
+             budget: int, buffer: int = 0, penalty: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Apply the recipe's rule (`OVERLONG[mode]`) to responses cut by the budget or by repetition.
+
+    Returns (rewards [N] float, keep [N] bool); the caller zeroes the loss mask of rows with keep
+    False. ValueError for an unknown mode.
     """
-    rewards = rewards.float().clone()
-    cut = torch.tensor([r in TRUNCATED for r in finish_reasons], dtype=torch.bool)
-    keep = torch.ones_like(cut)
-    if mode == "zero":
-        rewards[cut] = 0.0
-    elif mode == "mask":
-        keep = ~cut
-    elif mode == "soft":
-        over = torch.tensor(lengths, dtype=torch.float32) - (budget - buffer)
-        fraction = (over / max(buffer, 1)).clamp(0, 1)
-        rewards -= penalty * torch.where(cut, 1.0, fraction)
-    elif mode != "none":
-        raise ValueError(f"unknown overlong mode {mode!r}; valid: {', '.join(OVERLONG)}")
-    return rewards, keep
+    rule = OVERLONG[mode].fn
+    rewards = rewards.float()
+    cut = rewards.new_tensor([r in TRUNCATED for r in finish_reasons]).bool()
+    return rule(rewards, cut, rewards.new_tensor(list(lengths)), budget, buffer, penalty)
 
 
-def has_spread(rewards: torch.Tensor) -> bool:
+def has_spread(rewards: Tensor) -> bool:
     """A group whose rewards all agree has A = 0 for every response: no learning signal."""
     return bool(rewards.numel() > 1 and rewards.max() > rewards.min())
 
 
 def dynamic_sample(groups: list[Group], draw: Callable[[int], list[Group]], *,
-                   rewards: Callable[[Group], torch.Tensor], target: int,
+                   rewards: Callable[[Group], Tensor], target: int,
                    max_draws: int) -> tuple[list[Group], dict[str, int]]:
     """DAPO's dynamic sampling: drop zero-spread groups, then refill to `target` groups.
 

@@ -1,14 +1,18 @@
-"""The trainer: one Ray actor per DeepSpeed rank (gloo on CPU, nccl on GPUs), running SFT and CISPO updates."""
+"""The trainer role: one Ray actor per DeepSpeed rank (gloo on CPU, nccl on GPUs), running SFT and policy
+updates, and `TrainerGroup`, the controller's handle on all ranks at once."""
 from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 
 import ray
 import torch
 from torch import nn
 
+from cispo.batching import TrainBatch, minibatches, shard
 from cispo.config import Recipe, RecipeError
+from cispo.data import derive_seed
 from cispo.loss import loss_metrics, token_loss
 from rollout.model import load_model, token_logprobs
 
@@ -102,7 +106,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _update(self, micro_batches: list[dict], per_token_loss, temperature: float = 1.0) -> dict:
+    def _update(self, micro_batches: list[TrainBatch], per_token_loss, temperature: float = 1.0) -> dict:
         """One optimizer step over this rank's micro-batches (cispo.batching).
 
         Each micro-batch carries per-token `weights` that make Σ w·ℓ over every rank's micro-batches the
@@ -110,13 +114,13 @@ class Trainer:
         """
         loss_sum, logprobs, entropies = 0.0, [], []
         for i, mb in enumerate(micro_batches):
-            mb = {k: v.to(self.engine.device) for k, v in mb.items()}
+            mb = mb.to(self.engine.device)
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            logp, entropy = self.engine(mb["input_ids"], temperature)
-            loss = (per_token_loss(logp, mb) * mb["weights"]).sum()
+            logp, entropy = self.engine(mb.input_ids, temperature)
+            loss = (per_token_loss(logp, mb) * mb.weights).sum()
             self.engine.backward(loss * self.world_size)
             loss_sum += loss.item()
-            on = mb["loss_mask"].bool()
+            on = mb.loss_mask.bool()
             logprobs.append(logp.detach()[on].cpu())
             entropies.append(entropy[on].cpu())
         self.engine.step()
@@ -126,13 +130,13 @@ class Trainer:
         norm = float(norm) if norm is not None else float("nan")
         return {"loss": loss_sum, "grad_norm": norm, "logprobs": torch.cat(logprobs), "entropy": torch.cat(entropies)}
 
-    def sft_step(self, micro_batches: list[dict]) -> dict:
+    def sft_step(self, micro_batches: list[TrainBatch]) -> dict:
         """Cross-entropy on the reference answers (token-mean weights from the controller)."""
         self._set_lr(self.recipe.sft.lr)
         out = self._update(micro_batches, lambda logp, mb: -logp)
         return {"loss": out["loss"], "grad_norm": out["grad_norm"]}
 
-    def train_batch(self, updates: list[list[dict]], temperature: float) -> dict:
+    def train_batch(self, updates: list[list[TrainBatch]], temperature: float) -> dict:
         """K minibatch updates of the policy loss over one generation batch (M1 §3.1: off-policy updates);
         `updates` holds this rank's micro-batches for each.
 
@@ -140,7 +144,7 @@ class Trainer:
         with their `tokens` count, so the controller can combine ranks exactly.
         """
         a, o = self.recipe.algorithm, self.recipe.optim
-        per_token_loss = lambda logp, mb: token_loss(a.name, logp, mb["old_logprobs"], mb["advantages"],
+        per_token_loss = lambda logp, mb: token_loss(a.name, logp, mb.old_logprobs, mb.advantages,
                                                      eps_high=a.eps_high, eps_low=a.eps_low)
         gap = self._recompute_old_logprobs(updates, temperature) if a.old_logprobs == "recompute" else {}
         losses, norms, on_token = [], [], []
@@ -150,9 +154,9 @@ class Trainer:
             out = self._update(micro_batches, per_token_loss, temperature)
             losses.append(out["loss"])
             norms.append(out["grad_norm"])
-            on = [mb["loss_mask"].bool() for mb in micro_batches]
-            old = torch.cat([mb["old_logprobs"][m] for mb, m in zip(micro_batches, on)])
-            adv = torch.cat([mb["advantages"].unsqueeze(1).expand_as(m)[m] for mb, m in zip(micro_batches, on)])
+            on = [mb.loss_mask.bool() for mb in micro_batches]
+            old = torch.cat([mb.old_logprobs[m] for mb, m in zip(micro_batches, on)])
+            adv = torch.cat([mb.advantages.unsqueeze(1).expand_as(m)[m] for mb, m in zip(micro_batches, on)])
             on_token.append((out["logprobs"], old, adv, out["entropy"]))
         logp, old, adv, entropy = (torch.cat(column).unsqueeze(0) for column in zip(*on_token))
         figures = loss_metrics(logp, old, adv, torch.ones_like(logp), entropy, eps_high=a.eps_high, eps_low=a.eps_low)
@@ -160,16 +164,16 @@ class Trainer:
                 "tokens": logp.numel(), "skipped_steps": self.skipped_steps, "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def _recompute_old_logprobs(self, updates: list[list[dict]], temperature: float) -> dict:
+    def _recompute_old_logprobs(self, updates: list[list[TrainBatch]], temperature: float) -> dict:
         """Replace the rollout logprobs by this trainer's, from the weights before any update, and report
         their mean absolute difference over response tokens."""
         gaps = []
         for mb in (mb for micro_batches in updates for mb in micro_batches):
-            logp, _ = self.engine(mb["input_ids"].to(self.engine.device), temperature)
-            on = mb["loss_mask"].bool()
-            recomputed = logp.cpu() * mb["loss_mask"]
-            gaps.append((recomputed - mb["old_logprobs"])[on].abs())
-            mb["old_logprobs"] = recomputed
+            logp, _ = self.engine(mb.input_ids.to(self.engine.device), temperature)
+            on = mb.loss_mask.bool()
+            recomputed = logp.cpu() * mb.loss_mask
+            gaps.append((recomputed - mb.old_logprobs)[on].abs())
+            mb.old_logprobs = recomputed
         gaps = torch.cat(gaps)
         return {"old_logprob_gap": float(gaps.mean())} if gaps.numel() else {}
 
@@ -206,41 +210,108 @@ class Trainer:
                 self.causal_lm.save_pretrained(path)
 
 
-class Ranks(list):
-    """The rank actors in rank order, and the placement group that holds their resources (killing the
-    actors does not free it)."""
+class TrainerGroup:
+    """The trainer role: every DeepSpeed rank behind one verb each, in rank order, plus the placement
+    group that holds their resources (killing the actors does not free it).
 
-    def __init__(self, actors: list, group):
-        super().__init__(actors)
-        self.group = group
+    Verbs: `sft`, `train` (K minibatch updates of one generation batch, figures merged over ranks),
+    `publish` (weights to the rollout workers), `save` / `load` (checkpoints), `save_pretrained`,
+    `shutdown`. Every verb runs on every rank, because ZeRO gathers and each backward are collectives.
+    """
+
+    def __init__(self, recipe: Recipe, ranks: list, group):
+        self.recipe, self.ranks, self.group = recipe, ranks, group
+
+    @classmethod
+    def start(cls, recipe: Recipe, model_dir: str) -> TrainerGroup:
+        """`trainer.num_ranks` rank actors in one placement group (packed onto as few nodes as fit),
+        joined into a process group whose rank 0 listens on its own node. A DeepSpeed config the engine
+        rejects is a RecipeError naming the bad key, with the ranks freed."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options, size = recipe.resources.trainer.ray_options(), recipe.trainer.num_ranks
+        bundle = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
+        group = placement_group([{k: v for k, v in bundle.items() if v}] * size, strategy="PACK")
+        ray.get(group.ready())
+        actor = Trainer.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
+        trainers = cls(recipe, [actor.remote(recipe.model_dump_json(), model_dir, r, size) for r in range(size)], group)
+        try:
+            addr, port = ray.get(trainers.ranks[0].address.remote())
+            trainers._all("init", addr, port)
+        except ray.exceptions.RayTaskError as e:
+            trainers.shutdown()
+            if type(e.cause).__name__ == "ValidationError":  # DeepSpeed's pydantic config check
+                problems = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in e.cause.errors())
+                raise RecipeError(f"trainer.deepspeed is not a valid DeepSpeed config ({e.cause.title}): "
+                                  f"{problems}") from None
+            raise
+        return trainers
+
+    def _all(self, method: str, *args) -> list:
+        """`method(*args)` on every rank at once; their results in rank order."""
+        return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])
+
+    def sft(self, batch: TrainBatch) -> float:
+        """One supervised step on every row of `batch` (token-mean cross-entropy); the loss."""
+        plan, _ = shard(batch, torch.arange(len(batch.lengths)), "token", len(self.ranks), self.recipe.trainer)
+        return sum(out["loss"] for out in ray.get([r.sft_step.remote(p) for r, p in zip(self.ranks, plan)]))
+
+    def train(self, batch: TrainBatch, step: int) -> dict:
+        """K off-policy updates (algorithm.updates_per_batch), each a minibatch of whole prompt groups split
+        over ranks and length-bucketed micro-batches; the ranks' figures merged into one row."""
+        a, counts, plans = self.recipe.algorithm, Counter(), []
+        for rows in minibatches(batch.group_index, a.updates_per_batch, derive_seed(self.recipe.run.seed, step, "minibatches")):
+            plan, tokens = shard(batch, rows, a.normalization, len(self.ranks), self.recipe.trainer)
+            plans.append(plan)
+            counts.update(tokens)
+        stats = ray.get([rank.train_batch.remote([p[r] for p in plans], self.recipe.rollout.temperature)
+                         for r, rank in enumerate(self.ranks)])
+        return {**merge_rank_figures(stats), "updates": len(plans),
+                "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"]}
+
+    def _weights(self):
+        # Every rank takes part (ZeRO-3 gathers); rank 0's copy is the one returned.
+        return [rank.state_dict.remote() for rank in self.ranks][0]
+
+    def publish(self, rollout, version: int) -> None:
+        """The current weights to every rollout worker, tagged `version`: trainer -> object store ->
+        workers, never through the controller."""
+        rollout.update_weights(self._weights(), version)
+
+    def state_dict(self) -> dict:
+        """The current full weights, on the controller's CPU."""
+        return ray.get(self._weights())
+
+    def save(self, path: str) -> None:
+        self._all("save_checkpoint", str(path))
+
+    def load(self, path: str) -> None:
+        self._all("load_checkpoint", str(path))
+
+    def save_pretrained(self, path: str) -> None:
+        self._all("save_pretrained", str(path))
+
+    def nodes(self) -> list[str]:
+        return self._all("node")
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        for actor in self:
-            ray.kill(actor)
+        for rank in self.ranks:
+            ray.kill(rank)
         remove_placement_group(self.group)
 
 
-def start_trainers(recipe: Recipe, model_dir: str) -> Ranks:
-    """`trainer.num_ranks` rank actors in one placement group (packed onto as few nodes as fit), joined
-    into a process group whose rank 0 listens on its own node."""
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    options, ranks = recipe.resources.trainer.ray_options(), recipe.trainer.num_ranks
-    bundle = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
-    group = placement_group([{k: v for k, v in bundle.items() if v}] * ranks, strategy="PACK")
-    ray.get(group.ready())
-    actor = Trainer.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
-    trainers = Ranks([actor.remote(recipe.model_dump_json(), model_dir, rank, ranks) for rank in range(ranks)], group)
-    addr, port = ray.get(trainers[0].address.remote())
-    try:
-        ray.get([t.init.remote(addr, port) for t in trainers])
-    except ray.exceptions.RayTaskError as e:
-        trainers.shutdown()
-        if type(e.cause).__name__ == "ValidationError":  # DeepSpeed's pydantic config check
-            problems = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in e.cause.errors())
-            raise RecipeError(f"trainer.deepspeed is not a valid DeepSpeed config ({e.cause.title}): {problems}") from None
-        raise
-    return trainers
+def merge_rank_figures(stats: list[dict]) -> dict:
+    """One metrics row from every rank's `train_batch` figures. Losses are shares of one sum; grad norm,
+    skips and lr are the same on every rank; the rest are token means, weighted by each rank's tokens
+    (absent on a rank whose responses were all masked)."""
+    stats = [dict(s) for s in stats]
+    out = {"loss": sum(s.pop("loss") for s in stats), **{k: stats[0].pop(k) for k in ("grad_norm", "skipped_steps", "lr")}}
+    tokens = [s.pop("tokens") for s in stats]
+    if any("is_weight_max" in s for s in stats):
+        out["is_weight_max"] = max(s.pop("is_weight_max") for s in stats if "is_weight_max" in s)
+    for k in dict.fromkeys(k for s in stats for k in s if k not in out):  # in a stable order
+        out[k] = sum(s.get(k, 0.0) * n for s, n in zip(stats, tokens)) / max(sum(tokens), 1)
+    return out

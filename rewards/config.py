@@ -1,6 +1,8 @@
 """Config section owned by `rewards`."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -20,5 +22,8 @@ class RewardConfig(BaseModel):
     format_weight: float = Field(0.0, description="weight of the M1 format reward (<think>...</think> then answer)")
     format: FormatConfig = Field(default_factory=FormatConfig)
     fraction: bool = Field(False, description="code: score the fraction of tests passed, not all-or-nothing (M1)")
+    min_isolation: Literal["bwrap", "mountns", "uid", "rlimits"] = Field(
+        "mountns", description="weakest code-sandbox level accepted (rewards.sandbox); below mountns a program "
+        "can read the host's files and write to its /tmp, so accepting uid or rlimits is an explicit choice")
     num_workers: int = Field(2, ge=1, description="scoring processes")
     timeout_s: float = Field(10.0, gt=0, description="hard limit per scored sample; a hung scorer is killed")

@@ -1,11 +1,14 @@
 """Parallel scoring in worker processes with a hard timeout of our own.
 
 math-verify times out with `signal.alarm`, which only works on a main thread, and a user's reward
-can hang or crash; so every call runs in a child process that is killed when it overruns.
+can hang, crash, or return something that is not a score; so every call runs in a child process that
+is killed when it overruns, and every score is checked here, whichever reward produced it.
 """
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -14,16 +17,31 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from rewards.types import RewardInput
+
 
 @dataclass
 class RewardResult:
     score: float
-    status: str  # ok | error | timeout
+    status: str  # ok | error | timeout | sandbox_error
     error: str = ""
 
 
+def _result(score) -> RewardResult:
+    """A reward's output as a result: a finite number is `ok`; None, NaN, inf or a non-number is an
+    `error` scoring 0 (a NaN reward would make its whole group's advantages NaN)."""
+    if score is None or isinstance(score, (str, bytes)):
+        return RewardResult(0.0, "error", f"the reward returned {score!r}, not a number")
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return RewardResult(0.0, "error", f"the reward returned a {type(score).__name__}, not a number")
+    if not math.isfinite(value):
+        return RewardResult(0.0, "error", f"the reward returned {value}")
+    return RewardResult(value, "ok")
+
+
 def _serve(fd: int) -> None:
-    from rewards.plugins import call_reward
     from rewards.sandbox import SandboxFailure
 
     conn = Connection(fd)
@@ -34,17 +52,17 @@ def _serve(fd: int) -> None:
             return
         if msg is None:
             return
-        fn, args, n = msg
+        reward, inputs = msg
         try:
-            scores = call_reward(fn, *args)
-            scores = [float(x) for x in scores] if getattr(fn, "batched", False) else [float(scores)]
-            if len(scores) != n:
-                raise ValueError(f"a batched reward returned {len(scores)} scores for {n} samples")
-            conn.send([RewardResult(x, "ok") for x in scores])
+            scores = list(pickle.loads(reward)(inputs))  # unpickled here, so a failed load is this batch's error
+            if len(scores) != len(inputs):
+                raise ValueError(f"the reward returned {len(scores)} scores for {len(inputs)} samples")
+            conn.send([_result(s) for s in scores])
         except Exception as exc:  # a user's reward may raise anything; report it, keep serving
             status = "sandbox_error" if isinstance(exc, SandboxFailure) else "error"
             last = traceback.extract_tb(exc.__traceback__)[-1]
-            conn.send([RewardResult(0.0, status, f"{type(exc).__name__}: {exc} ({last.filename}:{last.lineno})")] * n)
+            conn.send([RewardResult(0.0, status, f"{type(exc).__name__}: {exc} ({last.filename}:{last.lineno})")]
+                      * len(inputs))
 
 
 class _Worker:
@@ -58,7 +76,7 @@ class _Worker:
                                      env={**os.environ, "PYTHONPATH": path})
         child.close()
         self.conn = Connection(ours.detach())
-        self.job: tuple[list[int], tuple] | None = None  # (item indices, arguments)
+        self.job: tuple[list[int], list[RewardInput]] | None = None  # (input indices, inputs)
         self.deadline = 0.0
 
     def kill(self) -> None:
@@ -68,28 +86,37 @@ class _Worker:
 
 
 class ScoringPool:
-    """Runs `fn(*args)` for many argument tuples across `num_workers` processes."""
+    """Scores RewardInputs with a reward across `num_workers` processes, `timeout_s` per sample."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0):
         self.timeout_s = timeout_s
         self._workers = [_Worker() for _ in range(num_workers)]
 
-    def map(self, fn, items: list[tuple]) -> list[RewardResult]:
-        """`fn(*item)` for each item. A batched reward (`fn.batched`, see `rewards.plugins`) gets
-        one call per worker with the items' columns as lists, and a limit of timeout_s per item."""
-        if getattr(fn, "batched", False):
-            chunks = [list(range(len(items)))[w::len(self._workers)] for w in range(len(self._workers))]
-            jobs = [(c, tuple(map(list, zip(*[items[i] for i in c])))) for c in chunks if c]
+    def map(self, reward, inputs: list[RewardInput]) -> list[RewardResult]:
+        """One result per input, in order. `reward` is what `rewards.registry.build` returns, or any
+        reward function (adapted by parameter name, see `rewards.plugins`; a ValueError names a
+        parameter it cannot fill). A per-sample reward gets one input per call; a batched one a
+        share of the inputs per worker, with a limit of timeout_s per input."""
+        from rewards.plugins import adapt
+
+        reward = adapt(reward)
+        try:
+            sent = pickle.dumps(reward)
+        except Exception as exc:
+            raise ValueError(f"the reward cannot be sent to the scoring processes: {type(exc).__name__}: {exc}") from None
+        if reward.batched:
+            chunks = [list(range(len(inputs)))[w::len(self._workers)] for w in range(len(self._workers))]
+            jobs = [(c, [inputs[i] for i in c]) for c in chunks if c]
         else:
-            jobs = [([i], item) for i, item in enumerate(items)]
-        results: list[RewardResult | None] = [None] * len(items)
+            jobs = [([i], [x]) for i, x in enumerate(inputs)]
+        results: list[RewardResult | None] = [None] * len(inputs)
         pending = jobs[::-1]
         while pending or any(w.job is not None for w in self._workers):
             for w in self._workers:
                 if w.job is None and pending:
                     w.job = pending.pop()
                     w.deadline = time.monotonic() + self.timeout_s * len(w.job[0])
-                    w.conn.send((fn, w.job[1], len(w.job[0])))
+                    w.conn.send((sent, w.job[1]))
             busy = [w for w in self._workers if w.job is not None]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)

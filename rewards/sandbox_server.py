@@ -1,10 +1,10 @@
 """The sandbox's fork-server: runs inside the isolation layers and executes one program per request.
 
-Stdlib only and started as `python -c <this file's text>`, because inside bubblewrap the repository
-is not visible. Forking a warm interpreter per program costs about a millisecond where a fresh one
+Stdlib only and started as `python -c <this file's text>`, because inside bubblewrap (or the mountns
+level's new root) the repository is not visible. Forking a warm interpreter per program costs about a millisecond where a fresh one
 costs tens, which is what lets full isolation outrun a bare `subprocess.run` loop. The server holds
-no test data: expected outputs stay with the caller, which compares them. It runs as root (inside
-bubblewrap with only the capabilities listed in `rewards.sandbox`); each program runs as the
+no test data: expected outputs stay with the caller, which compares them. It runs as root (at the bwrap
+and mountns levels with only the capabilities listed in `rewards.sandbox`); each program runs as the
 worker's unprivileged host uid, so it can signal neither the server nor anything outside.
 
 Protocol on fds 0/1: 4-byte big-endian length, then JSON. Request: program, stdin, cpu_s, wall_s,
@@ -23,8 +23,11 @@ import time
 import traceback
 import types
 
-# Preloaded so that programs start fast and need not read the stdlib as the unprivileged uid.
+# Preloaded so that programs start fast. Any other import reads the installation as the program's
+# uid, which is why `rewards.sandbox` probes each level with modules outside this list.
 import bisect, collections, functools, heapq, itertools, math, random, re, string  # noqa: E401,F401
+
+sys.set_int_max_str_digits(0)  # programs print and parse integers of any size, as contest judges allow
 
 CFG = json.loads(sys.argv[1])
 UID, WORK, IO = CFG["uid"], CFG["work"], CFG["io"]

@@ -48,6 +48,9 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="an HF causal-LM directory to start from instead of a preset")
     overrides: dict = Field(default_factory=dict, description="MiniMaxConfig fields applied over the preset")
     seed: int = Field(0, description="seed for a fresh model's initial weights")
+    chat_template: bool = Field(False, description="encode each prompt as one user turn of the tokenizer's chat "
+                                "template, with its generation prompt; false: tok(prompt) (with the tokenizer's "
+                                "own special tokens, e.g. BOS)")
     alphabet: str = Field(string.digits + string.ascii_letters + string.punctuation + " \n",
                           description="characters of the offline character-level tokenizer (fresh models only)")
 
@@ -57,7 +60,8 @@ class RolloutConfig(Section):
     n_samples: int = Field(8, ge=1, description="G: responses per prompt")
     max_new_tokens: int = Field(40_000, ge=1, description="thinking budget per response (M1: 40k or 80k)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens whose "
+                         "probability reaches this (1 disables it)")
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     stop_strings: list[str] = Field(default_factory=list, description="end a response when its text contains one "
                                     "(EOS always ends it)")

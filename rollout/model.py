@@ -192,13 +192,15 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
-    """A character-level HF tokenizer built offline (no hub): one id per character."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level HF tokenizer built offline (no hub): one id per character, and BOS in front of
+    every encoded text, so a user of a saved model who calls `tok(prompt)` gets what training used."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     chars = sorted(set(alphabet))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", unk_token="<unk>", padding_side="left")

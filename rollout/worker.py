@@ -87,30 +87,17 @@ class RolloutPool:
         actor = RolloutWorker.options(**(options or {}))
         return cls([actor.remote(model_dir, pad_id, config) for _ in range(num_workers)])
 
+    def submit(self, requests: list[Request]) -> Rollout:
+        """Start generating `requests` on the workers and return at once; `.result()` waits."""
+        return Rollout(self, requests)
+
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions in request order, then sample order, whichever workers ran them."""
-        todo, running, done = list(range(len(requests))), {}, []
-        while todo or running:
-            if todo:
-                if not self.workers:
-                    raise RuntimeError(f"every rollout worker died ({self.failures} lost)")
-                for worker, share in zip(self.workers, balance([requests[i] for i in todo], len(self.workers))):
-                    if share:
-                        ids = [todo[j] for j in share]
-                        running[worker.generate.remote([requests[i] for i in ids])] = (worker, ids)
-                todo = []
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            worker, ids = running.pop(ref)
-            try:
-                completions = ray.get(ref)
-            except RayActorError:
-                self._drop(worker)
-                todo += ids
-                continue
-            for c in completions:
-                c.request_index = ids[c.request_index]
-            done += completions
-        return sorted(done, key=lambda c: (c.request_index, c.sample_index))
+        return self.submit(requests).result()
+
+    def nodes(self) -> list[str]:
+        """The Ray node of each worker."""
+        return ray.get([w.node.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for worker in self.workers:
@@ -130,3 +117,41 @@ class RolloutPool:
         if worker in self.workers:
             self.workers.remove(worker)
             self.failures += 1
+
+
+class Rollout:
+    """Requests in flight on a pool: spread over the live workers at once (longest work first onto the
+    least loaded); `result()` collects them, re-running a dead worker's share on the survivors."""
+
+    def __init__(self, pool: RolloutPool, requests: list[Request]):
+        self.pool, self.requests = pool, requests
+        self.running: dict = {}  # ObjectRef -> (worker, request indices)
+        self.done: list[Completion] = []
+        self._dispatch(list(range(len(requests))))
+
+    def _dispatch(self, todo: list[int]) -> None:
+        if not todo:
+            return
+        if not self.pool.workers:
+            raise RuntimeError(f"every rollout worker died ({self.pool.failures} lost)")
+        shares = balance([self.requests[i] for i in todo], len(self.pool.workers))
+        for worker, share in zip(self.pool.workers, shares):
+            if share:
+                ids = [todo[j] for j in share]
+                self.running[worker.generate.remote([self.requests[i] for i in ids])] = (worker, ids)
+
+    def result(self) -> list[Completion]:
+        """Completions in request order, then sample order."""
+        while self.running:
+            [ref], _ = ray.wait(list(self.running), num_returns=1)
+            worker, ids = self.running.pop(ref)
+            try:
+                completions = ray.get(ref)
+            except RayActorError:
+                self.pool._drop(worker)
+                self._dispatch(ids)
+                continue
+            for c in completions:
+                c.request_index = ids[c.request_index]
+            self.done += completions
+        return sorted(self.done, key=lambda c: (c.request_index, c.sample_index))

@@ -1,20 +1,37 @@
-"""The whole slice, really run: Ray rollout worker, DeepSpeed trainer, math-verify reward, CISPO loss."""
+"""The whole slice, really run: Ray rollout worker, DeepSpeed trainer, math-verify reward, CISPO loss;
+then `cispo export` and `cispo eval` on what it trained, and the exported model used the plain HF way."""
 import json
 
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cispo.cli import main
 from cispo.config import load_recipe
+from cispo.data import PromptSource
+from cispo.export import export
 from cispo.loop import train
 from cispo.metrics import read_metrics
+from rewards.math import score
 from tests.conftest import REPO
 
-# One-digit addition learns fast enough for a short warm start; the seed is fixed.
+# One-digit addition learns fast enough for a short warm start; the seed is fixed. The old logprobs are
+# recomputed by the trainer, so every step measures how far the rollout's logprobs are from the trainer's.
 SHORT = ["data.digits=1", "data.eval_size=20", "data.prompts_per_step=8", "sft.steps=60",
-         "run.max_steps=24", "optim.lr=1e-4", "optim.warmup_steps=2", "wandb.mode=disabled", "run.threads=1"]
+         "run.max_steps=24", "optim.lr=1e-4", "optim.warmup_steps=2", "wandb.mode=disabled", "run.threads=1",
+         "algorithm.old_logprobs=recompute"]
 
 
-def test_short_run_raises_reward_and_writes_its_records(ray_session, tmp_path):
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", SHORT + [f"run.dir={tmp_path / 'run'}"])
-    summary = train(recipe)
-    rows = read_metrics(tmp_path / "run")
+@pytest.fixture(scope="module")
+def short_run(ray_session, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", SHORT + [f"run.dir={run_dir}"])
+    return recipe, run_dir, train(recipe)
+
+
+def test_short_run_raises_reward_and_writes_its_records(short_run):
+    recipe, run_dir, summary = short_run
+    rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
     first, last = rows[:6], rows[-6:]
     mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
@@ -23,26 +40,53 @@ def test_short_run_raises_reward_and_writes_its_records(ray_session, tmp_path):
                 "grad_norm", "time_rollout_s", "time_reward_s", "time_train_s", "time_sync_s"]:
         assert all(key in r for r in rows), key
     assert all(r["is_weight_max"] >= r["is_weight_mean"] > 0 for r in rows)
-    saved = json.loads((tmp_path / "run/summary.json").read_text())
+    # The rollout's fp32-head logprobs are the trainer's, token for token: a response shifted by one
+    # position against its training row, or a prompt encoded differently, would be off by whole nats.
+    assert max(r["old_logprob_gap"] for r in rows) <= 1e-4
+    saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["steps"] == 24 and saved["eval_accuracy_end"] == summary["eval_accuracy_end"]
-    assert load_recipe(tmp_path / "run/config.yaml").run.max_steps == 24
-    # Export round-trip: the newest checkpoint, loaded by AutoModelForCausalLM, is the trainer's model.
-    import torch
-    from transformers import AutoModelForCausalLM
+    assert load_recipe(run_dir / "config.yaml").run.max_steps == 24
 
-    from cispo.export import export
-    from rollout.engine import Request, SamplingParams, generate
-    from rollout.model import load_tokenizer
 
-    export(tmp_path / "run", tmp_path / "exported")
+def test_export_round_trip_is_the_trained_model(short_run, tmp_path):
+    _, run_dir, _ = short_run
+    export(run_dir, tmp_path / "exported")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run/final").eval()
-    tok = load_tokenizer(tmp_path / "exported")
-    prompts = [[tok.bos_token_id] + tok(f"{a}+{b}=", add_special_tokens=False)["input_ids"] for a, b in [(3, 4), (9, 9)]]
-    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(tok.eos_token_id,))
-    run = lambda model: [c.token_ids for c in generate(model, [Request(p, params=greedy) for p in prompts], tok.pad_token_id)]
-    assert run(exported) == run(trained)
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
+    assert exported.state_dict().keys() == trained.state_dict().keys()
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in exported.state_dict().items())
+
+
+def test_eval_of_the_run_and_of_its_export_and_the_plain_hf_way_agree(short_run, tmp_path, capsys):
+    recipe, run_dir, summary = short_run
+    recipe_args = [str(REPO / "recipes/tiny-arith.yaml"), *SHORT]
+    assert main(["eval", *recipe_args, f"model={run_dir}"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    on_run = json.loads((run_dir / "eval.json").read_text())
+    assert on_run["metric"] == "greedy_accuracy" and on_run["prompts"] == 20
+    assert on_run["value"] == summary["eval_accuracy_end"] and f"greedy_accuracy {on_run['value']:.4f}" in line
+
+    export(run_dir, tmp_path / "exported")
+    assert main(["eval", *recipe_args, f"model={tmp_path / 'exported'}", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["value"] == on_run["value"]
+
+    # What a user of the export does: AutoTokenizer, AutoModelForCausalLM, tok(prompt), generate.
+    tok = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    correct = []
+    for p in PromptSource(recipe.data, recipe.run.seed).eval:
+        inputs = tok(p.text, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=recipe.rollout.max_new_tokens, do_sample=False)
+        correct.append(score(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), p.answer))
+    assert sum(correct) / len(correct) == on_run["value"]
+
+    # pass@k from the same 4 samples per prompt (same seeds): more tries can only pass more prompts.
+    pass_at = {}
+    for k in (1, 2):
+        assert main(["eval", *recipe_args, f"model={run_dir}", "eval.n_samples=4", f"eval.k={k}", "--out",
+                     str(tmp_path / f"k{k}.json")]) == 0
+        pass_at[k] = json.loads((tmp_path / f"k{k}.json").read_text())
+    assert pass_at[2]["metric"] == "pass@2" and 0 < pass_at[1]["value"] < pass_at[2]["value"] <= 1
 
 
 def test_staged_recipe_advances_windows_and_logs_the_rule(ray_session, tmp_path):

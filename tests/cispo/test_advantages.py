@@ -30,3 +30,14 @@ def test_leave_one_out_subtracts_the_mean_of_the_others():
 def test_unknown_estimator_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid: group_std, no_std, leave_one_out"):
         advantages(REWARDS, GROUP, "gae")
+
+
+@pytest.mark.parametrize("estimator", ["group_std", "no_std", "leave_one_out"])
+def test_a_group_whose_rewards_all_agree_gets_exactly_zero(estimator):
+    """fp32 means of equal non-binary rewards are off by a few ulps (8 x 0.65, 64 x 9.55); divided by the
+    group's near-zero std that residue used to become A = -0.056 and +0.86."""
+    rewards = torch.tensor([0.65] * 8 + [9.55] * 64 + [0.1 + 0.2] * 3 + [0.3, 0.3 + 1e-6, 0.3])
+    group = torch.tensor([0] * 8 + [1] * 64 + [2] * 3 + [3] * 3)
+    a = advantages(rewards, group, estimator)
+    assert torch.equal(a[:75], torch.zeros(75))
+    assert (a[75:] != 0).all() and a[76] > 0 > a[75]  # a real spread, however small, still counts

@@ -45,16 +45,15 @@ def test_shard_weights_sum_to_the_whole_minibatch_loss():
     torch.manual_seed(0)
     rows = [(list(range(3)), list(range(int(n)))) for n in torch.randint(1, 30, (12,))]
     batch = pad_rows(rows, filler_id=0)
-    batch["group_index"] = torch.arange(4).repeat_interleave(3)
-    per_token = torch.randn_like(batch["loss_mask"])
-    batch["per_token"] = per_token  # rides along like old_logprobs
+    batch.group_index = torch.arange(4).repeat_interleave(3)
+    per_token = batch.old_logprobs = torch.randn_like(batch.loss_mask)  # a per-token value riding along
     for norm in ("group", "token", "sequence", "sample_token"):
-        whole = normalize(per_token, batch["loss_mask"], norm, batch["group_index"])
+        whole = normalize(per_token, batch.loss_mask, norm, batch.group_index)
         plan, counts = shard(batch, torch.arange(12), norm, 3, TrainerConfig(micro_batch_tokens=40))
         assert len({len(rank) for rank in plan}) == 1 and sum(len(r) for r in plan) > 3
-        total = sum((mb["per_token"] * mb["weights"]).sum() for rank in plan for mb in rank)
+        total = sum((mb.old_logprobs * mb.weights).sum() for rank in plan for mb in rank)
         assert torch.allclose(total, whole, rtol=1e-6), norm
-        assert counts["real_tokens"] == int(batch["lengths"].sum())
+        assert counts["real_tokens"] == int(batch.lengths.sum())
         for rank in plan:
             for mb in rank:
-                assert mb["input_ids"].shape[1] == mb["weights"].shape[1] + 1
+                assert mb.input_ids.shape[1] == mb.weights.shape[1] + 1 == mb.loss_mask.shape[1] + 1

@@ -50,3 +50,13 @@ def test_bf16_on_zero_stage_0_is_refused_with_the_reason():
     with pytest.raises(RecipeError, match="bf16 needs zero_stage >= 1"):
         load_recipe(REPO / "recipes/tiny-arith.yaml", ["trainer.zero_stage=0", "trainer.deepspeed={bf16: {enabled: true}}"])
     assert load_recipe(REPO / "recipes/tiny-arith.yaml", ["trainer.deepspeed={bf16: {enabled: true}}"]).trainer.zero_stage == 2
+
+
+def test_recipe_key_reference_is_generated_from_the_config():
+    from cispo.config import recipe_keys
+
+    text = recipe_keys()
+    assert "|  |" not in text  # every key explains itself
+    assert "| `algorithm.name` | `'cispo'` |" in text and "Choices: cispo, cispo_masked, grpo, dapo, ppo." in text
+    assert (REPO / "docs/recipe-keys.md").read_text() == text, \
+        "docs/recipe-keys.md is stale: python -m cispo.config > docs/recipe-keys.md"

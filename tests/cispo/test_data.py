@@ -1,11 +1,14 @@
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 
 from cispo.config import DataConfig, RecipeError, SourceConfig
-from cispo.data import PromptSource, read_rows
+from cispo.data import PromptSource, derive_seed, read_rows
 from rewards.code import parse_tests
 from tests.conftest import REPO
 
@@ -64,8 +67,19 @@ def test_missing_data_file_is_one_line_error(tmp_path):
 
 def test_single_source_draws_as_before_mixes_existed():
     src = PromptSource(DataConfig(), seed=3)
-    assert src.batch(7) == random.Random("3/rl/7").sample(src.train, 16)
+    assert src.batch(7) == random.Random(derive_seed(3, 7, "rl")).sample(src.train, 16)
     assert src.batch(7) == src.batch(7) and src.batch(7) != src.batch(8)
+
+
+def test_seeds_are_the_same_in_every_process_and_differ_per_stream():
+    """Not Python's hash(): a resumed run, a Ray actor and a scoring process all derive the same seed."""
+    code = "from cispo.data import derive_seed; print(derive_seed(7, 12, 'rl1', 3))"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip() for h in (1, 2)}
+    assert runs == {str(derive_seed(7, 12, "rl1", 3))}
+    seeds = {derive_seed(s, step, stream, i) for s in (0, 1) for step in (1, 2) for stream in ("rl0", "rl1", "sft")
+             for i in range(50)}
+    assert len(seeds) == 2 * 2 * 3 * 50 and all(0 <= x < 2**32 for x in seeds)
 
 
 def test_mix_shares_follow_weights_and_the_curriculum(tmp_path):

@@ -1,14 +1,10 @@
 """The defining properties of the loss family (M1 §3.1) and of the chunked fp32 logprobs it consumes."""
-from typing import get_args
-
 import pytest
 import torch
 
-from cispo.advantages import ESTIMATORS
-from cispo.config import AlgorithmConfig, Recipe, RecipeError, load_recipe
+from cispo.config import Recipe, RecipeError, load_recipe
 from cispo.loss import (LOSSES, NORMALIZATIONS, clipped_is_weight, cispo_loss, loss_metrics, masked_objective,
                         normalize, policy_loss, ppo_token_mask)
-from cispo.sampling import OVERLONG
 from rollout.model import token_logprobs
 
 
@@ -109,12 +105,34 @@ def test_unknown_names_list_the_valid_ones():
         policy_loss("reinforce", logp, old, adv, mask, eps_high=0.2)
     with pytest.raises(ValueError, match="valid: group, token, sequence, sample_token"):
         policy_loss("cispo", logp, old, adv, mask, eps_high=0.2, normalization="batch")
-    # The recipe's choices are exactly the implemented ones.
-    fields = AlgorithmConfig.model_fields
-    assert get_args(fields["name"].annotation) == LOSSES
-    assert get_args(get_args(fields["normalization"].annotation)[0]) == NORMALIZATIONS
-    assert get_args(fields["advantage"].annotation) == ESTIMATORS
-    assert get_args(fields["overlong"].annotation) == OVERLONG
+
+
+@pytest.fixture
+def registered_loss():
+    """A new loss added the way a contributor adds one: one registered function, nothing else."""
+    @LOSSES.register("reinforce", normalization="sequence", needs_eps_low=False)
+    def reinforce(logprobs, old_logprobs, advantages, *, eps_high, eps_low=None):
+        return -advantages.unsqueeze(1) * logprobs
+
+    @NORMALIZATIONS.register("first_token")
+    def first_token(mask, group_index=None):
+        weights = torch.zeros_like(mask)
+        weights[:, 0] = mask[:, 0] / mask[:, 0].sum()
+        return weights
+    yield
+    LOSSES.unregister("reinforce")
+    NORMALIZATIONS.unregister("first_token")
+
+
+def test_a_registered_loss_is_a_recipe_choice_with_its_defaults(registered_loss, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm: {name: reinforce, eps_high: 1.0}\n")
+    algorithm = load_recipe(recipe).algorithm
+    assert algorithm.normalization == "sequence" and algorithm.eps_low is None  # from the registration
+    assert load_recipe(recipe, ["algorithm.normalization=first_token"]).algorithm.normalization == "first_token"
+    logp, old, adv, mask = _random_batch()
+    loss = policy_loss("reinforce", logp, old, adv, mask, eps_high=1.0, normalization="sequence")
+    assert loss.item() == pytest.approx(normalize(-adv[:, None] * logp, mask, "sequence").item())
 
 
 def test_recipe_selects_every_loss_and_explains_bad_names(tmp_path):
@@ -124,7 +142,7 @@ def test_recipe_selects_every_loss_and_explains_bad_names(tmp_path):
     assert load_recipe(recipe, ["algorithm.name=grpo", "algorithm.eps_low=0.2"]).algorithm.normalization == "sequence"
     assert load_recipe(recipe, ["algorithm.name=dapo", "algorithm.eps_low=0.2",
                                 "algorithm.normalization=sample_token"]).algorithm.normalization == "sample_token"
-    with pytest.raises(RecipeError, match="algorithm.name.*'cispo', 'cispo_masked', 'grpo', 'dapo' or 'ppo'"):
+    with pytest.raises(RecipeError, match="algorithm.name.*unknown loss 'gspo'; valid: cispo, cispo_masked, grpo, dapo, ppo"):
         load_recipe(recipe, ["algorithm.name=gspo"])
     with pytest.raises(RecipeError, match="algorithm.eps_low.*state eps_low"):
         load_recipe(recipe, ["algorithm.name=dapo"])

@@ -3,46 +3,44 @@ on 1 or 2 ranks, ZeRO-2 or ZeRO-3, one or many micro-batches."""
 import pytest
 import torch
 
-from cispo.batching import pad_rows, shard
+from cispo.batching import TrainBatch, pad_rows
 from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
-from cispo.loop import _train
-from cispo.trainer import start_trainers
+from cispo.trainer import TrainerGroup
 from rollout.config import RolloutConfig
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import load_model, token_logprobs
-from rollout.worker import RolloutWorker
+from rollout.worker import RolloutPool
 from tests.conftest import REPO
 
 
 def test_trainer_learns_and_publishes_versioned_weights(ray_session, tiny_model_dir, tiny_tokenizer):
-    ray = ray_session
     tok = tiny_tokenizer
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["sft.lr=0.003", "run.threads=2"])
-    trainers = start_trainers(recipe, str(tiny_model_dir))
-    trainer = trainers[0]
-    worker = RolloutWorker.remote(str(tiny_model_dir), tok.pad_token_id, RolloutConfig(threads=2))
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
-    rows = [([tok.bos_token_id] + enc(f"{a}+{b}="), enc(f"\\boxed{{{a + b}}}") + [tok.eos_token_id])
-            for a, b in [(1, 2), (3, 4), (10, 20), (7, 7)]]
-    [plan], _ = shard(pad_rows(rows, tok.eos_token_id), torch.arange(4), "token", 1, recipe.trainer)
-    losses = [ray.get(trainer.sft_step.remote(plan))["loss"] for _ in range(25)]
-    assert losses[-1] < 0.5 * losses[0]
+    trainers = TrainerGroup.start(recipe, str(tiny_model_dir))
+    pool = RolloutPool.start(1, str(tiny_model_dir), tok.pad_token_id, RolloutConfig(threads=2))
+    try:
+        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+        rows = [(tok(f"{a}+{b}=")["input_ids"], enc(f"\\boxed{{{a + b}}}") + [tok.eos_token_id])
+                for a, b in [(1, 2), (3, 4), (10, 20), (7, 7)]]
+        losses = [trainers.sft(pad_rows(rows, tok.eos_token_id)) for _ in range(25)]
+        assert losses[-1] < 0.5 * losses[0]
 
-    state = trainer.state_dict.remote()
-    assert ray.get(worker.update_weights.remote(state, 7)) == 7
-    request = Request(rows[0][0], n=2, seed=3, params=SamplingParams(max_new_tokens=12, temperature=1.0))
-    remote = ray.get(worker.generate.remote([request]))
-    local_model = load_model(tiny_model_dir)
-    local_model.load_state_dict(ray.get(state))
-    local = generate(local_model.eval(), [request], tok.pad_token_id)
-    assert [c.token_ids for c in remote] == [c.token_ids for c in local]
-    assert all(c.weight_version == 7 for c in remote)
-    # The published weights are the trained ones, not the initial ones.
-    initial = load_model(tiny_model_dir).state_dict()
-    assert any(not torch.equal(initial[k], v) for k, v in ray.get(state).items())
-    trainers.shutdown()
-    ray.kill(worker)
+        trainers.publish(pool, version=7)
+        request = Request(rows[0][0], n=2, seed=3, params=SamplingParams(max_new_tokens=12, temperature=1.0))
+        remote = pool.generate([request])
+        state = trainers.state_dict()
+        local_model = load_model(tiny_model_dir)
+        local_model.load_state_dict(state)
+        local = generate(local_model.eval(), [request], tok.pad_token_id)
+        assert [c.token_ids for c in remote] == [c.token_ids for c in local]
+        assert all(c.weight_version == 7 for c in remote) and pool.version == 7
+        # The published weights are the trained ones, not the initial ones.
+        initial = load_model(tiny_model_dir).state_dict()
+        assert any(not torch.equal(initial[k], v) for k, v in state.items())
+    finally:
+        trainers.shutdown()
+        pool.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +57,21 @@ def rl_batch(tiny_model_dir, tiny_tokenizer):
     with torch.no_grad():
         model = load_model(tiny_model_dir)
         old = token_logprobs(model.model(input_ids=ids).last_hidden_state[:, :-1], model.lm_head.weight, ids[:, 1:])[0]
-    return {"input_ids": ids, "lengths": lengths, "loss_mask": mask, "old_logprobs": (old + 0.05 * torch.randn_like(old)) * mask,
-            "advantages": torch.randn(groups * g), "group_index": torch.arange(groups).repeat_interleave(g)}
+    return TrainBatch(ids, mask, lengths, (old + 0.05 * torch.randn_like(old)) * mask, torch.randn(groups * g),
+                      torch.arange(groups).repeat_interleave(g))
 
 
 def _trajectory(ray, args, model_dir, batch, checkpoint_dir=None):
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["optim.lr=1e-3", "optim.warmup_steps=0", "run.threads=1",
                                                             "algorithm.updates_per_batch=2", *args])
-    trainers = start_trainers(recipe, str(model_dir))
-    steps = [_train(recipe, trainers, batch, step) for step in range(1, 6)]
-    state = ray.get([t.state_dict.remote() for t in trainers])[0]
-    if checkpoint_dir:
-        ray.get([t.save_checkpoint.remote(str(checkpoint_dir)) for t in trainers])
-    trainers.shutdown()
+    trainers = TrainerGroup.start(recipe, str(model_dir))
+    try:
+        steps = [trainers.train(batch, step) for step in range(1, 6)]
+        state = trainers.state_dict()
+        if checkpoint_dir:
+            trainers.save(checkpoint_dir)
+    finally:
+        trainers.shutdown()
     return steps, state
 
 
@@ -131,7 +131,7 @@ def test_a_misspelled_deepspeed_key_is_named_and_frees_the_ranks(ray_session, ti
                          "trainer.deepspeed={zero_optimization: {offload_optimiser: {device: cpu}}}"])
     before = set(ray_session.util.placement_group_table())
     with pytest.raises(RecipeError, match=r"trainer.deepspeed .*DeepSpeedZeroConfig.*offload_optimiser: Extra inputs"):
-        start_trainers(recipe, str(tiny_model_dir))
+        TrainerGroup.start(recipe, str(tiny_model_dir))
     table = ray_session.util.placement_group_table()
     ours = [g for key, g in table.items() if key not in before]
     assert len(ours) == 1 and ours[0]["state"] == "REMOVED"

@@ -53,11 +53,60 @@ def test_grading(response, answer, expected):
     assert verify_boxed(response, answer) == expected
 
 
+@pytest.mark.parametrize("response, answer, expected", [
+    ("\\boxed{(1,2)}", "(1,2)", 1.0),        # a tuple (math-verify reads it as an interval)
+    ("\\boxed{12}", "(1,2)", 0.0),           # deleting the comma fused it into 12
+    ("\\boxed{1}", "0,1", 0.0),              # ... or into 01 = 1
+    ("\\boxed{0,1}", "0,1", 1.0),
+    ("\\boxed{(2,1)}", "(1,2)", 0.0),
+    ("\\boxed{-1}", "(3,-4)", 0.0),          # coordinates: 3-4 = -1 once fused
+    ("\\boxed{(3, -4)}", "(3,-4)", 1.0),
+    ("\\boxed{[0,1)}", "[0,1)", 1.0),        # intervals keep their ends
+    ("\\boxed{[0,1]}", "[0,1)", 0.0),
+    ("\\boxed{\\{2,1\\}}", "\\{1,2\\}", 1.0),  # sets ignore order
+    ("\\boxed{12}", "\\{1,2\\}", 0.0),
+    ("\\boxed{1, 2, 3}", "1,2,3", 1.0),        # lists
+    ("\\boxed{123}", "1,2,3", 0.0),
+    ("\\boxed{115000}", "115,000", 1.0),     # thousands separators are the only commas that go
+    ("\\boxed{115,000}", "115000", 1.0),
+    ("\\boxed{1000000}", "#### 1,000,000", 1.0),
+    ("\\boxed{10000}", "10,\\!000", 1.0),    # MATH's spelling
+    ("\\boxed{1\\,000}", "1000", 1.0),      # a thin space, which math-verify reads as 1*0
+])
+def test_gold_answers_keep_their_structure(response, answer, expected):
+    assert verify_boxed(response, answer) == expected
+
+
+@pytest.mark.parametrize("response, answer, expected", [
+    ("\\boxed{3}. No wait, it is \\boxed 5", "3", 0.0),  # the abandoned answer is not graded
+    ("\\boxed{3}. No wait, it is \\boxed 5", "5", 1.0),
+    ("\\boxed{3}. Correction: \\fbox{5}", "3", 0.0),
+    ("\\boxed{3}. Correction: \\fbox{5}", "5", 1.0),
+    ("\\boxed{3} or rather \\boxed {5}", "5", 1.0),      # a space before the brace
+    ("$\\boxed{3}$, no: $\\boxed5$.", "5", 1.0),        # TeX reads \\boxed5 as \\boxed{5}
+    ("\\boxed{3}, so finally \\framebox{5}", "5", 1.0),
+    ("The answer is \\boxed 42.", "42", 1.0),
+    ("\\boxed{3} <answer>5</answer>", "5", 1.0),        # R1-style answer tags
+    ("<answer>\\boxed{5}</answer>", "5", 1.0),
+    ("\\boxed{3} <answer>5", "3", 0.0),                 # unclosed: no fallback to the box
+    ("\\boxed{3} then \\fbox{", "3", 0.0),
+    ("\\fbox{3} then \\boxed{}", "3", 0.0),              # an empty last marker is no answer
+    ("\\boxed{3}. Final Answer: The final answer is $5$. I hope it is correct.", "5", 1.0),  # Minerva's
+    ("\\boxed{3}. **Final Answer:** 5", "3", 0.0),
+    ("\\boxed{3}. That is my final answer.", "3", 1.0),   # no marker: states no answer
+    ("\\boxed{3}. So the final answer is correct.", "3", 1.0),
+])
+def test_the_last_answer_marker_in_any_spelling_is_graded(response, answer, expected):
+    assert verify_boxed(response, answer) == expected
+
+
 def test_helpers():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{1} \\boxed{2") is None
     assert strip_think("<think>x</think>y") == "y"
     assert gold_latex("#### 1,234") == "$1234$"
+    assert gold_latex("(1,2)") == "$(1,2)$" and gold_latex("0,1") == "$0,1$"
+    assert last_boxed("\\boxed{1} \\fbox{\\frac{1}{2}} b") == "\\frac{1}{2}"
 
 
 def test_score_runs_through_a_worker_process():

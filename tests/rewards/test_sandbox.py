@@ -1,4 +1,5 @@
-"""The sandbox, run for real: plain behaviour, load, and attacks (each under the outer cap)."""
+"""The sandbox, run for real: plain behaviour, load, and attacks (each under the outer cap, at each
+level that contains them: bwrap and mountns, the levels accepted without an opt-in)."""
 import os
 import shutil
 import socket
@@ -43,14 +44,61 @@ def test_program_io_status_and_cpu_time():
     assert r.status == "ok" and 0.05 < r.cpu_s < 1.0
 
 
-def test_full_isolation_where_root_and_bubblewrap():
-    if os.geteuid() != 0 or not shutil.which("bwrap"):
-        pytest.skip("full isolation needs root and bubblewrap")
-    assert sandbox.isolation() == "bwrap"
-    r = sandbox.run("import os\nprint(os.getuid(), sorted(os.listdir('/')), dict(os.environ))", **LIMITS)
-    uid, rest = r.stdout.split(" ", 1)
+NAMESPACE_LEVELS = ("bwrap", "mountns")
+NEEDS = {"bwrap": ("bwrap",), "mountns": ("unshare", "mount", "chroot", "setpriv")}
+
+
+def force(level: str):
+    """Run at `level` from now on (the tests' handle on a level; see rewards.sandbox.FORCE_ENV)."""
+    if os.geteuid() != 0 or not all(map(shutil.which, NEEDS[level])):
+        pytest.skip(f"{level} needs root and {', '.join(NEEDS[level])}")
+    os.environ[sandbox.FORCE_ENV] = level
+    sandbox.close()
+    assert sandbox.isolation() == level
+
+
+def unforce():
+    os.environ.pop(sandbox.FORCE_ENV, None)
+    sandbox.close()
+
+
+def test_the_strongest_level_is_chosen():
+    expected = next((lv for lv in NAMESPACE_LEVELS if os.geteuid() == 0 and all(map(shutil.which, NEEDS[lv]))), None)
+    if expected is None:
+        pytest.skip("neither namespace level can run here")
+    assert sandbox.isolation() == expected
+
+
+@pytest.mark.parametrize("level", NAMESPACE_LEVELS)
+def test_what_a_program_sees_at_each_namespace_level(level):
+    force(level)
+    try:
+        r = sandbox.run("import os\nprint(os.getuid(), sum(p.isdigit() for p in os.listdir('/proc')),"
+                        " sorted(os.listdir('/')), dict(os.environ))", **LIMITS)
+    finally:
+        unforce()
+    uid, processes, rest = r.stdout.split(" ", 2)
     assert sandbox.UID_BASE <= int(uid) < sandbox.UID_BASE + sandbox.UID_COUNT
+    assert int(processes) <= 3  # its own pid namespace: the server (and bwrap's init) and itself
     assert "'home'" not in rest and "'etc'" not in rest and "'root'" in rest  # /root holds only the interpreter
+    assert "'LANG'" in rest and "'HOME'" not in rest  # a scrubbed environment
+
+
+def test_weaker_levels_need_an_opt_in_and_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv(sandbox.FORCE_ENV, "uid")
+    sandbox.close()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match=r"works here \(.*forces a weaker level") as err:
+            sandbox.run("print(1)", **LIMITS)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match="min_isolation 'jail'"):
+            sandbox.isolation("jail")
+        monkeypatch.setenv(sandbox.FORCE_ENV, "jail")
+        sandbox.close()
+        with pytest.raises(ValueError, match="not a sandbox level; valid: bwrap, mountns, uid, rlimits"):
+            sandbox.isolation()
+    finally:
+        sandbox.close()
 
 
 def test_harness_failure_is_sandbox_error_not_a_program_error():
@@ -93,9 +141,17 @@ def test_a_timeout_is_retried_alone_and_then_stands():
 
 # ---- attacks: each under the outer cap, each ending with the host unharmed and a score of 0 ----
 
+@pytest.fixture(scope="module", params=NAMESPACE_LEVELS)
+def level(request, outer_cap):
+    force(request.param)
+    yield request.param
+    unforce()
+
+
 @pytest.fixture
-def attack(outer_cap):
-    """Runs an attack program under the outer cap; checks the run stayed in its limits and the host."""
+def attack(level):
+    """Runs an attack program under the outer cap at `level`; checks the run stayed in its limits
+    and the host."""
     def run(program: str, **kwargs):
         start = time.monotonic()
         r = sandbox.run(program, **{**LIMITS, **kwargs})

@@ -1,5 +1,8 @@
-"""Reward functions as users write them, for the plugin tests (imported by name in worker processes)."""
+"""Reward functions as users write them, for the plugin tests (imported by name in worker processes).
+
+The TRL and verl functions are written as those projects document them, unchanged."""
 import asyncio
+import math
 import time
 
 from rewards.plugins import batched
@@ -9,12 +12,37 @@ def exact(response, answer):
     return float(response.strip() == answer)
 
 
-def compute_score(data_source, solution_str, ground_truth, extra_info=None):  # verl, unchanged
-    return {"score": float(ground_truth in solution_str), "data_source": data_source}
+def exact_other_names(text, gold):  # ours, with parameter names of its own
+    return float(text.strip() == gold)
 
 
-def trl_length(prompts, completions, **kwargs):  # TRL, unchanged
-    return [float(len(c) == len(s)) for c, s in zip(completions, kwargs["solution"])]
+def prompt_echo(prompt, response, answer):  # ours, reading the prompt by name
+    return float(response == prompt[::-1])
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):  # verl
+    bonus = 0.5 if data_source == "gsm8k" and (extra_info or {}).get("split") == "train" else 0.0
+    return {"score": float(ground_truth in solution_str) + bonus, "data_source": data_source}
+
+
+def compute_score_kwonly(data_source, solution_str, ground_truth, *, extra_info):  # verl, keyword-only extra_info
+    return float(ground_truth in solution_str) * extra_info["weight"]
+
+
+def trl_length(completions, **kwargs):  # TRL's docs: a reward on completions only
+    return [-abs(20 - len(c)) / 20 for c in completions]
+
+
+def trl_accuracy(completions, solution, **kwargs):  # TRL's docs: a dataset column by name
+    return [float(c.strip() == s) for c, s in zip(completions, solution)]
+
+
+def trl_ids(prompts, completions, completion_ids, **kwargs):  # TRL's docs: token ids and prompts
+    return [len(ids) / (1 + len(p)) for p, ids in zip(prompts, completion_ids)]
+
+
+def trl_difficulty(completions, **kwargs):  # TRL: any column arrives as a keyword list
+    return [d * float(c.strip() == a) for c, a, d in zip(completions, kwargs["answer"], kwargs["difficulty"])]
 
 
 async def async_exact(response, answer):
@@ -25,6 +53,19 @@ async def async_exact(response, answer):
 @batched
 def batch_exact(responses, answers):
     return [float(r == a) for r, a in zip(responses, answers)]
+
+
+@batched
+def batch_with_a_nan(responses, answers):
+    return [math.nan if r == "nan" else float(r == a) for r, a in zip(responses, answers)]
+
+
+def non_finite(response, answer):
+    return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "none": None, "text": "1.0"}[response]
+
+
+def needs_mystery(response, answer, mystery):
+    return 1.0
 
 
 def raises(response, answer):

@@ -33,7 +33,9 @@ def _view(completions):
 
 @pytest.fixture(scope="module")
 def workers(ray_session, tiny_model_dir):
-    return RolloutPool.start(2, str(tiny_model_dir), 0, RolloutConfig(threads=1, max_batch_rows=4)).workers
+    pool = RolloutPool.start(2, str(tiny_model_dir), 0, RolloutConfig(threads=1, max_batch_rows=4))
+    yield list(pool.workers)
+    pool.shutdown()
 
 
 def test_balance_spreads_work_and_covers_every_request():
@@ -53,6 +55,15 @@ def test_one_or_two_workers_match_in_process(workers, tiny_model_dir):
             out = pool.generate(requests)
             assert _view(out) == _view(local)
             assert max(abs(a - b) for c, d in zip(out, local) for a, b in zip(c.logprobs, d.logprobs)) < 1e-5
+
+
+def test_submitted_rollouts_run_while_the_caller_goes_on(workers, tiny_model_dir):
+    pool = RolloutPool(workers)
+    greedy, sampled = _requests(0.0), _requests(1.0)
+    first, second = pool.submit(greedy), pool.submit(sampled)  # both in flight before either is collected
+    model = load_model(tiny_model_dir).eval()
+    assert _view(second.result()) == _view(generate(model, sampled, pad_id=0))
+    assert _view(first.result()) == _view(generate(model, greedy, pad_id=0))
 
 
 def test_update_weights_is_versioned(workers, tiny_model_dir):

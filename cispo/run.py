@@ -1,0 +1,99 @@
+"""What a run owns besides its roles: its directory (config, starting model, checkpoints, summary), the
+Ray start-up, and the stop request that turns SIGTERM/SIGINT into "finish the step, save, exit"."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from cispo import checkpoint
+from cispo.config import Recipe, RecipeError, dump_recipe
+from rollout.model import save_model, starting_model
+
+
+class RunDir:
+    """`run.dir`: config.yaml (the resolved recipe), metrics.jsonl, summary.json, ckpt/step-N/ (every
+    rank's DeepSpeed state and the controller's), init/ (the starting model and tokenizer every actor
+    loads) and final/ (the trained model and tokenizer)."""
+
+    def __init__(self, recipe: Recipe):
+        """Refuses to reuse a dir that holds a run unless resuming; with run.resume, finds the newest
+        complete checkpoint (`resume_from`) or refuses."""
+        self.recipe, self.path = recipe, Path(recipe.run.dir)
+        found = checkpoint.latest(self.path) if recipe.run.resume else None
+        if recipe.run.resume and found is None:
+            raise RecipeError(f"run.resume=true but {self.path} holds no complete checkpoint")
+        if not recipe.run.resume and (self.path / "metrics.jsonl").exists():
+            raise RecipeError(f"run.dir {self.path} already holds a run; resume it with run.resume=true, "
+                              f"or choose another run.dir")
+        self.resume_from: Path | None = found[0] if found else None
+        self.path.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, self.path / "config.yaml")
+
+    def starting_model(self) -> str:
+        """The model dir init/, written from the recipe's model section on a fresh run; on resume the
+        checkpoint holds the weights and init/ the architecture and tokenizer."""
+        model_dir = self.path / "init"
+        if self.resume_from is None:
+            try:
+                model, tok = starting_model(self.recipe.model)
+            except (FileNotFoundError, ValueError) as exc:  # a missing model.path, an unknown preset
+                raise RecipeError(str(exc)) from None
+            save_model(model, tok, model_dir)
+        return str(model_dir)
+
+    def save(self, trainers, step: int, eval_accuracy_start: float) -> None:
+        """A checkpoint of every rank and the controller's step (written aside, fsynced, renamed)."""
+        staging = checkpoint.staging_dir(self.path, step)
+        trainers.save(staging)
+        checkpoint.commit(staging, {"step": step, "eval_accuracy_start": eval_accuracy_start},
+                          self.recipe.run.keep_last)
+
+    def restore(self, trainers, rollout, log) -> tuple[float, int]:
+        """Every rank restored from `resume_from`, its weights republished, metrics rows logged after it
+        dropped; returns (eval accuracy before RL, the first step to run)."""
+        state = json.loads((self.resume_from / checkpoint.MARKER).read_text())
+        trainers.load(self.resume_from)
+        trainers.publish(rollout, version=state["step"])
+        log.truncate(state["step"])
+        print(f"resumed from {self.resume_from} (step {state['step']})", flush=True)
+        return state["eval_accuracy_start"], state["step"] + 1
+
+    def finish(self, trainers, tok, summary: dict) -> None:
+        trainers.save_pretrained(self.path / "final")
+        tok.save_pretrained(self.path / "final")
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def start_ray(recipe: Recipe) -> None:
+    """Join the cluster at RAY_ADDRESS (launch/ray-cluster.sh, tests), or start a local Ray sized for the
+    recipe's actors."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
+        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT end the run after the current step, with a checkpoint, instead of losing it."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"{self.requested}: finishing step, then saving a checkpoint", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
