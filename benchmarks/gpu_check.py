@@ -16,7 +16,8 @@ Checks (each catches its own failure and prints {"check": ..., "error": ...} ins
   32k within 1.2x of its 1k.
 - engine: our engine against HF `generate` on long-tailed budgets (benchmarks/rollout_throughput.py's
   setup: 8 prompts x 8 samples, log-normal budgets in [32, 1024]). Target >= 5x.
-- trainer: DeepSpeed trainer tokens/s for fp32 and bf16 on one long-tailed batch, with model FLOPs
+- trainer: the DeepSpeed trainer group (cispo.trainer.TrainerGroup.train) tokens/s for fp32 and bf16 on
+  one long-tailed batch (median response 512 tokens; --cpu: 64), with model FLOPs
   utilization 6 · active parameters · tokens/s over `--peak-tflops` (bf16 dense). Target bf16 >= 1.5x fp32.
 - recipe (only with --recipe): `cispo train recipes/tiny-arith.yaml` with rollout and trainer on one GPU.
 
@@ -175,11 +176,10 @@ def check_engine(args) -> None:
 def check_trainer(args) -> None:
     import ray
 
-    from cispo.batching import shard
+    from cispo.batching import pad_rows
     from cispo.config import load_recipe
-    from cispo.trainer import start_trainers
+    from cispo.trainer import TrainerGroup
     from rollout.model import build_char_tokenizer, save_model
-    from train_throughput import long_tailed_batch
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -192,31 +192,35 @@ def check_trainer(args) -> None:
     active -= experts * (1 - model.config.num_experts_per_tok / model.config.num_local_experts)
     model_dir = tempfile.mkdtemp(prefix="gpu-check-")
     save_model(model, tok, model_dir)
-    batch = long_tailed_batch(args.train_rows, len(tok), seed=0)
+    # Log-normal response lengths (median 512) after a 64-token prompt, groups of 8, random advantages.
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.exp(torch.log(torch.tensor(512.0 if args.device.type == "cuda" else 64.0))
+                        + torch.randn(args.train_rows, generator=g)).clamp(16, 4096).int()
+    batch = pad_rows([(torch.randint(4, args.vocab, (64,), generator=g).tolist(),
+                       torch.randint(4, args.vocab, (int(n),), generator=g).tolist()) for n in lengths], filler_id=2)
+    batch.old_logprobs = torch.full_like(batch.loss_mask, -8.0) * batch.loss_mask
+    batch.advantages, batch.group_index = torch.randn(args.train_rows, generator=g), torch.arange(args.train_rows) // 8
+    tokens = int(batch.lengths.sum())
     gpu = ["resources.trainer.gpus=1"] if args.device.type == "cuda" else []
     result = {}
     for precision in ("fp32", "bf16"):
-        overrides = ["algorithm.updates_per_batch=1", "optim.lr=1e-6", f"trainer.micro_batch_size={args.train_rows}",
-                     *gpu, *(["trainer.deepspeed={bf16: {enabled: true}}"] if precision == "bf16" else [])]
-        recipe = load_recipe(os.path.join(REPO, "recipes/tiny-arith.yaml"), overrides)
-        trainers = start_trainers(recipe, model_dir)
+        overrides = ["algorithm.updates_per_batch=1", "optim.lr=1e-6", *gpu,
+                     *(["trainer.deepspeed={bf16: {enabled: true}}"] if precision == "bf16" else [])]
+        trainers = TrainerGroup.start(load_recipe(os.path.join(REPO, "recipes/tiny-arith.yaml"), overrides), model_dir)
         try:
-            plan, stats = shard(batch, torch.arange(args.train_rows), "group", 1, recipe.trainer)
-            real = stats["real_tokens"]
-            ray.get(trainers[0].train_batch.remote([plan[0]], 1.0))  # warm-up
+            trainers.train(batch, 0)  # warm-up
             seconds = []
-            for _ in range(args.repeats):
+            for step in range(args.repeats):
                 t0 = time.perf_counter()
-                ray.get(trainers[0].train_batch.remote([plan[0]], 1.0))
+                trainers.train(batch, step + 1)
                 seconds.append(time.perf_counter() - t0)
         finally:
-            for t in trainers:
-                ray.kill(t)
-        rate = real / statistics.median(seconds)
+            trainers.shutdown()
+        rate = tokens / statistics.median(seconds)
         result[precision] = {"tokens_per_s": round(rate, 1),
                              "mfu": round(6 * active * rate / (args.peak_tflops * 1e12), 4) if args.peak_tflops else None}
-    emit("trainer", rows=args.train_rows, tokens=real, active_params=int(active), peak_tflops=args.peak_tflops, **result,
-         bf16_over_fp32=round(result["bf16"]["tokens_per_s"] / result["fp32"]["tokens_per_s"], 2), target=1.5)
+    emit("trainer", rows=args.train_rows, tokens=tokens, active_params=int(active), peak_tflops=args.peak_tflops,
+         **result, bf16_over_fp32=round(result["bf16"]["tokens_per_s"] / result["fp32"]["tokens_per_s"], 2), target=1.5)
 
 
 def check_recipe(args) -> None:
@@ -252,7 +256,7 @@ def main() -> None:
     args.rows = [1, 8, 64, 256] if cuda else [1, 8]
     args.contexts = [1024, 8192, 32768] if cuda else [256, 1024]
     args.steps = 20 if cuda else 4
-    args.train_rows = 128 if cuda else 8
+    args.train_rows = 128 if cuda else 16
     args.repeats = args.repeats or (3 if cuda else 1)
     args.peak_gbs = args.peak_gbs or (4800.0 if cuda else 20.0)
     args.peak_tflops = args.peak_tflops or (989.0 if cuda else None)
