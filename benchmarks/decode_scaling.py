@@ -25,39 +25,47 @@ import time
 
 import torch
 
-from rollout.engine import _Batch, _decode
-from rollout.model import build_hybrid, fp32_logits, new_cache, use_decode_attention
+from rollout.engine import decode_step
+from rollout.model import build_hybrid, new_cache, use_decode_attention
 
 CONTEXTS, VOCAB = (1024, 8192, 32768), 4096
 
 
-def batch_at_context(model, context: int) -> _Batch:
-    """One sequence whose cache holds `context` positions of random state."""
+def cache_at_context(model, rows: int, context: int):
+    """A cache of `rows` sequences holding `context` positions of random state, on the model's device."""
+    device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
     cache = new_cache(model)
-    out = model.model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
+    model.model(input_ids=torch.full((rows, 1), 5, device=device), cache=cache, use_cache=True)
     cache.linear_cache = [torch.randn_like(s) * 0.01 if isinstance(s, torch.Tensor) else s for s in cache.linear_cache]
     for layer in cache.layers:
         if layer.is_initialized:
             shape = (*layer.keys.shape[:2], context, layer.keys.shape[-1])
-            layer.set(torch.randn(shape), torch.randn(shape))
-    logits = fp32_logits(model, out.last_hidden_state[:, -1])
-    return _Batch(cache, torch.ones((1, context), dtype=torch.long), torch.tensor([context]), logits, [])
+            layer.set(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+    return cache
 
 
-def state_mib(batch: _Batch) -> float:
-    tensors = [s for s in batch.cache.linear_cache if isinstance(s, torch.Tensor)]
-    tensors += [t for layer in batch.cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+def state_mib(cache) -> float:
+    tensors = [s for s in cache.linear_cache if isinstance(s, torch.Tensor)]
+    tensors += [t for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 @torch.no_grad()
-def per_token_seconds(model, context: int, steps: int) -> tuple[float, float]:
-    batch = batch_at_context(model, context)
-    memory = state_mib(batch)
+def per_step_seconds(model, context: int, steps: int, rows: int = 1) -> tuple[float, float]:
+    """Median seconds of one decode step of `rows` sequences at `context`, and their state in MiB."""
+    cache = cache_at_context(model, rows, context)
+    memory, device = state_mib(cache), model.lm_head.weight.device
+    mask = torch.ones((rows, context), dtype=torch.long, device=device)
+    tokens, positions = torch.full((rows,), 5, device=device), torch.full((rows,), context, device=device)
     times = []
     for step in range(steps + 3):  # 3 warm-up steps
+        mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        _decode(model, batch, batch.logits.argmax(-1))
+        tokens = decode_step(model, cache, mask, positions + step, tokens).argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[3:]), memory
 
@@ -82,7 +90,7 @@ def main() -> None:
               "kv_heads": args.kv_heads, "attention": args.attention, "vocab": VOCAB,
               "steps": args.steps, "threads": args.threads, "state": "synthetic (random KV and linear states)"}
     for name, model in models.items():
-        seconds, memory = zip(*(per_token_seconds(model, c, args.steps) for c in CONTEXTS))
+        seconds, memory = zip(*(per_step_seconds(model, c, args.steps) for c in CONTEXTS))
         for c, s, m in zip(CONTEXTS, seconds, memory):
             result[f"{name}_ms_per_token_{c // 1024}k"] = round(s * 1e3, 2)
             result[f"{name}_state_mib_{c // 1024}k"] = round(m, 2)

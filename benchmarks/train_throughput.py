@@ -30,6 +30,7 @@ import torch
 from cispo.batching import pad_rows, shard
 from cispo.config import load_recipe
 from cispo.trainer import start_trainers
+from rollout.config import RolloutConfig
 from rollout.model import build_char_tokenizer, build_hybrid, save_model
 from rollout.worker import RolloutPool
 
@@ -85,7 +86,7 @@ def main() -> None:
             ray.get(trainer.train_batch.remote([plan[0]], 1.0))
             seconds[name].append(time.perf_counter() - t0)
 
-    pool = RolloutPool.start(2, model_dir, tok.pad_token_id, threads=1)
+    pool = RolloutPool.start(2, model_dir, tok.pad_token_id, RolloutConfig(threads=1))
     state = trainer.state_dict.remote()
     megabytes = sum(v.numel() * v.element_size() for v in ray.get(state).values()) / 2**20
     pool.update_weights(state, 0)  # warm-up: both workers are up

@@ -164,8 +164,9 @@ def running_collector(recipe: Recipe, model_dir: str):
     tok = load_tokenizer(model_dir)
     start_ray(recipe)
     r = recipe.rollout
-    rollout = RolloutPool.start(r.num_workers, str(model_dir), tok.pad_token_id, r.threads or recipe.run.threads,
-                                r.max_batch_rows, options=recipe.resources.rollout.ray_options())
+    rollout = RolloutPool.start(r.num_workers, str(model_dir), tok.pad_token_id,
+                                r.model_copy(update={"threads": r.threads or recipe.run.threads}),
+                                options=recipe.resources.rollout.ray_options())
     try:
         with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as scorer:
             yield Collector(recipe, tok, rollout, scorer)

@@ -1,20 +1,30 @@
-"""Our decode loop over MiniMaxForCausalLM: continuous batching, shared-prompt prefill, per-request
-seeds, fp32 logprobs.
+"""Our decode loop over any supported HF causal LM: continuous batching, shared-prompt prefill,
+counter-based per-row random streams, fp32 logprobs.
 
-Each prompt is prefilled once and its cache replicated for its n samples: linear layers hold an O(1)
-state, so replication costs a [heads, d, d] copy per layer plus the softmax layers' KV. Finished rows
-leave the batch at once and queued requests take their place, so a long-tailed batch costs only its
-live rows. Rows never influence each other: each has its own random stream, positions and mask.
+Each prompt is prefilled once and its cache replicated for its n samples: MiniMax's linear layers
+hold an O(1) state, so replication costs a [heads, d, d] copy per layer plus the softmax layers' KV
+(dense models: KV only). Finished rows leave the batch at once and queued requests take their place,
+so a long-tailed batch costs only its live rows. Rows never influence each other: each has its own
+random stream (rollout.sampling), positions and mask.
+
+Per step the host sees one small transfer (token, logprob and finish code per row): sampling,
+repetition counting and stop-token and length checks run on the model's device, vectorized over
+rows. Stop strings are the exception: they need the decoded text, so only rows that have them are
+decoded on the host.
 """
 from __future__ import annotations
 
+import importlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
-from rollout.model import HybridCache, fp32_logits, new_cache
+from rollout.config import ENGINES, RolloutConfig
+from rollout.kernels import use_fla_lightning
+from rollout.model import HybridCache, fp32_logits, new_cache, use_decode_attention
+from rollout.sampling import sample, seed_key, uniforms
 
 
 @dataclass
@@ -48,43 +58,67 @@ class Completion:
     weight_version: int = 0
 
 
+FINISH_REASONS = (None, "stop", "repetition", "length")  # indexed by the device-side finish code
+
+
 @dataclass
 class _Sample:
-    """One sequence being generated: request q's sample s."""
+    """One sequence being generated, on the host: request q's sample s."""
     q: int
     s: int
     params: SamplingParams
-    # The stream depends only on (request seed, sample index), never on batch neighbours.
-    gen: torch.Generator
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    confident_run: int = 0
     finish: str | None = None
 
-    def record(self, token: int, logprob: float, prob: float, decode=None) -> bool:
-        """Append a sampled token; True while the sequence goes on."""
-        p = self.params
-        self.tokens.append(token)
-        self.logprobs.append(logprob)
-        self.confident_run = self.confident_run + 1 if prob > p.repetition_prob else 0
-        if token in p.stop_token_ids or self._ends_with_stop_string(decode):
-            self.finish = "stop"
-        elif self.confident_run >= p.repetition_tokens:
-            self.finish = "repetition"
-        elif len(self.tokens) >= p.max_new_tokens:
-            self.finish = "length"
-        return self.finish is None
-
-    def _ends_with_stop_string(self, decode) -> bool:
+    def ends_with_stop_string(self, decode) -> bool:
         # Checked after every token, so a stop string can only end at the newest one: decoding as
         # many tail tokens as it has characters covers it (a token decodes to at least one).
         strings = self.params.stop_strings
-        if not strings:
-            return False
-        if decode is None:
-            raise ValueError("stop_strings need generate(..., decode=tokenizer.decode)")
         tail = decode(self.tokens[-max(map(len, strings)):])
         return any(s in tail for s in strings)
+
+
+@dataclass
+class _Rows:
+    """Each running row's sampling state as [rows, ...] tensors on the model's device."""
+    keys: torch.Tensor               # [rows, 2] Philox key words of the request seed
+    sample_index: torch.Tensor       # [rows]
+    generated: torch.Tensor          # [rows] tokens generated so far: the next token's response position
+    temperature: torch.Tensor        # [rows] fp32; 0 is greedy
+    top_k: torch.Tensor              # [rows] int64; 0 disables
+    top_p: torch.Tensor              # [rows] fp32
+    max_new_tokens: torch.Tensor     # [rows]
+    repetition_tokens: torch.Tensor  # [rows]
+    repetition_prob: torch.Tensor    # [rows] fp32
+    confident_run: torch.Tensor      # [rows] consecutive tokens with probability > repetition_prob
+    stop_ids: torch.Tensor           # [rows, stops] stop token ids, padded with -1
+
+    @classmethod
+    def of(cls, samples: list[_Sample], seeds: list[int], stops: int, device) -> _Rows:
+        p = [s.params for s in samples]
+        col = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)
+        stop_ids = [list(x.stop_token_ids) + [-1] * (stops - len(x.stop_token_ids)) for x in p]
+        return cls(col([seed_key(seed) for seed in seeds]), col([s.s for s in samples]), col([0] * len(p)),
+                   col([x.temperature for x in p], torch.float32), col([x.top_k for x in p]),
+                   col([x.top_p for x in p], torch.float32), col([x.max_new_tokens for x in p]),
+                   col([x.repetition_tokens for x in p]), col([x.repetition_prob for x in p], torch.float32),
+                   col([0] * len(p)), col(stop_ids).view(len(p), stops))
+
+    def select(self, rows: torch.Tensor) -> _Rows:
+        return _Rows(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def cat(self, other: _Rows) -> _Rows:
+        return _Rows(**{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)})
+
+    def advance(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        """Count the sampled tokens in; returns each row's finish code (index into FINISH_REASONS)."""
+        self.generated = self.generated + 1
+        confident = logprobs.exp() > self.repetition_prob
+        self.confident_run = torch.where(confident, self.confident_run + 1, 0)
+        stop = (tokens.unsqueeze(1) == self.stop_ids).any(1)
+        return torch.where(stop, 1, torch.where(self.confident_run >= self.repetition_tokens, 2,
+                                                torch.where(self.generated >= self.max_new_tokens, 3, 0)))
 
 
 @dataclass
@@ -94,49 +128,20 @@ class _Batch:
     mask: torch.Tensor       # [rows, cache length + pending]; 0 marks padding
     next_pos: torch.Tensor   # [rows] position of each row's next token
     logits: torch.Tensor     # [rows, vocab] fp32, to sample each row's next token from
+    rows: _Rows
     samples: list[_Sample]
 
-
-def _sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]):
-    """Sample one token per row; returns (tokens, logprob of token, probability of token).
-
-    A row's uniform draw is inverted over its CDF, so its token depends only on its own logits and
-    stream. Rows with top-k/top-p use the CDF over their filtered, sorted distribution; the others
-    skip the sort (a third of decode time at a 4k vocabulary). Logprobs are of the full tempered
-    distribution, which is what the trainer recomputes.
-    """
-    device, vocab = logits.device, logits.shape[1]
-    greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
-    # Greedy rows report logprobs of the untempered policy.
-    temperatures = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
-    logprobs = torch.log_softmax(logits / temperatures, -1)
-    probs, order = logprobs.exp(), torch.arange(vocab, device=device).expand_as(logits).clone()
-    filtered = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1]
-    if filtered:
-        rows = torch.tensor(filtered, device=device)
-        probs[rows], order[rows] = _top_k_top_p(probs[rows], [params[i] for i in filtered])
-    cdf = probs.cumsum(-1)
-    uniforms = torch.stack([torch.rand((), generator=g) for g in gens]).to(device).unsqueeze(1)
-    picked = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp(max=vocab - 1)
-    tokens = torch.where(greedy, logits.argmax(-1), order.gather(1, picked).squeeze(1))
-    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    return tokens, chosen, chosen.exp()
+    def __post_init__(self):
+        # Known on the host whenever rows change, so that sampling never asks the device which rows
+        # need the top-k/top-p sort, and only stop-string rows are decoded as text.
+        filtered = [i for i, s in enumerate(self.samples) if s.params.top_k or s.params.top_p < 1]
+        self.filtered = torch.tensor(filtered, dtype=torch.long, device=self.mask.device)
+        self.text_rows = [i for i, s in enumerate(self.samples) if s.params.stop_strings]
 
 
-def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams]):
-    """Sorted probabilities with those outside top-k, then top-p (of the top-k renormalized), zeroed."""
-    device, vocab = probs.device, probs.shape[1]
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab, device=device)
-    sorted_probs = sorted_probs * (rank < torch.tensor([p.top_k or vocab for p in params], device=device)[:, None])
-    before = sorted_probs.cumsum(-1) - sorted_probs
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    return sorted_probs * (before < top_p * sorted_probs.sum(-1, keepdim=True)), order
-
-
-def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_id: int) -> _Batch:
+def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_id: int, stops: int) -> _Batch:
     """Prefill each prompt once, left-padded, then replicate its state for its samples."""
-    device = next(model.parameters()).device
+    device = model.lm_head.weight.device
     width = max(len(r.prompt_ids) for r in requests)
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -151,7 +156,9 @@ def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_i
                                    torch.tensor([r.n for r in requests], device=device))
     cache.select(rows)
     logits = fp32_logits(model, out.last_hidden_state[:, -1])
-    return _Batch(cache, mask[rows], mask[rows].sum(1), logits[rows], [s for group in samples for s in group])
+    flat = [s for group in samples for s in group]
+    state = _Rows.of(flat, [requests[i].seed for i, g in enumerate(samples) for _ in g], stops, device)
+    return _Batch(cache, mask[rows], mask[rows].sum(1), logits[rows], state, flat)
 
 
 def _join(batch: _Batch | None, new: _Batch) -> _Batch:
@@ -160,8 +167,8 @@ def _join(batch: _Batch | None, new: _Batch) -> _Batch:
         return new
     pad_old, pad_new = batch.cache.extend(new.cache)
     mask = torch.cat([F.pad(batch.mask, (pad_old, 0)), F.pad(new.mask, (pad_new, 0))])
-    return _Batch(batch.cache, mask, torch.cat([batch.next_pos, new.next_pos]),
-                  torch.cat([batch.logits, new.logits]), batch.samples + new.samples)
+    return _Batch(batch.cache, mask, torch.cat([batch.next_pos, new.next_pos]), torch.cat([batch.logits, new.logits]),
+                  batch.rows.cat(new.rows), batch.samples + new.samples)
 
 
 def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
@@ -174,17 +181,39 @@ def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
     mask = batch.mask[rows]
     drop = int(mask.any(0).long().argmax())  # first position some row attends to
     batch.cache.select(rows, drop_left=drop)
-    return _Batch(batch.cache, mask[:, drop:], batch.next_pos[rows], batch.logits[rows],
+    return _Batch(batch.cache, mask[:, drop:], batch.next_pos[rows], batch.logits[rows], batch.rows.select(rows),
                   [batch.samples[r] for r in keep])
 
 
-def _decode(model, batch: _Batch, tokens: torch.Tensor) -> None:
-    """Feed each row its sampled token; leaves the next logits pending."""
-    batch.mask = F.pad(batch.mask, (0, 1), value=1)
-    out = model.model(input_ids=tokens.unsqueeze(1), attention_mask=batch.mask,
-                      position_ids=batch.next_pos.unsqueeze(1), cache=batch.cache, use_cache=True)
-    batch.logits = fp32_logits(model, out.last_hidden_state[:, -1])
-    batch.next_pos = batch.next_pos + 1
+def decode_step(model, cache: HybridCache, mask: torch.Tensor, positions: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """Feed each row one token; returns the next fp32-head logits [rows, vocab].
+
+    `mask` [rows, cache length + 1] (0 marks left padding) already includes the new token;
+    `positions` and `tokens` are [rows]. The cache advances by one position.
+    """
+    out = model.model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions.unsqueeze(1),
+                      cache=cache, use_cache=True)
+    return fp32_logits(model, out.last_hidden_state[:, -1])
+
+
+def _step(batch: _Batch, decode) -> tuple[torch.Tensor, list[int]]:
+    """Sample every row's next token and record it; returns (tokens, rows that go on)."""
+    r = batch.rows
+    u = uniforms(r.keys, r.sample_index, r.generated)
+    tokens, logprobs = sample(batch.logits, u, r.temperature, r.top_k, r.top_p, batch.filtered)
+    codes = r.advance(tokens, logprobs)
+    # The step's one host transfer; fp64 holds token ids and fp32 logprobs exactly.
+    host_tokens, host_logprobs, host_codes = torch.stack([tokens.double(), logprobs.double(), codes.double()]).tolist()
+    for s, t, lp, code in zip(batch.samples, host_tokens, host_logprobs, host_codes):
+        s.tokens.append(int(t))
+        s.logprobs.append(lp)
+        s.finish = FINISH_REASONS[int(code)]
+    for i in batch.text_rows:
+        s = batch.samples[i]
+        if s.finish != "stop" and s.ends_with_stop_string(decode):
+            s.finish = "stop"
+    return tokens, [i for i, s in enumerate(batch.samples) if s.finish is None]
 
 
 def _admit(queue: deque, requests: list[Request], live: int, max_batch_rows: int) -> list[int]:
@@ -202,20 +231,79 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
     """Generate every request's n samples; returns completions in request order, then sample order.
 
     At most `max_batch_rows` sequences decode together (a request's samples are admitted together,
-    since they share one prefill); queued requests join as rows finish.
+    since they share one prefill); queued requests join as rows finish. Sample s of a request with
+    seed x draws its token at response position t from Philox(x; t, s) (rollout.sampling), so its
+    output does not depend on the batch. Raises ValueError if a request has stop strings and no
+    `decode` (token ids -> text) is given.
     """
-    samples = [[_Sample(q, s, r.params, torch.Generator().manual_seed(r.seed * 1_000_003 + s)) for s in range(r.n)]
-               for q, r in enumerate(requests)]
+    if decode is None and any(r.params.stop_strings for r in requests):
+        raise ValueError("stop_strings need generate(..., decode=tokenizer.decode)")
+    samples = [[_Sample(q, s, r.params) for s in range(r.n)] for q, r in enumerate(requests)]
+    stops = max([len(r.params.stop_token_ids) for r in requests], default=0)
     queue, batch = deque(range(len(requests))), None
     while queue or batch:
         joining = _admit(queue, requests, len(batch.samples) if batch else 0, max_batch_rows)
         if joining:
-            new = _prefill(model, [requests[q] for q in joining], [samples[q] for q in joining], pad_id)
+            new = _prefill(model, [requests[q] for q in joining], [samples[q] for q in joining], pad_id, stops)
             batch = _join(batch, new)
-        tokens, logps, probs = _sample(batch.logits, [s.params for s in batch.samples], [s.gen for s in batch.samples])
-        draws = zip(batch.samples, tokens.tolist(), logps.tolist(), probs.tolist())
-        keep = [row for row, (s, *draw) in enumerate(draws) if s.record(*draw, decode)]
+        tokens, keep = _step(batch, decode)
         batch = _leave(batch, keep)
         if batch:
-            _decode(model, batch, tokens[torch.tensor(keep, device=tokens.device)])
+            batch.mask = F.pad(batch.mask, (0, 1), value=1)
+            batch.logits = decode_step(model, batch.cache, batch.mask, batch.next_pos,
+                                       tokens[torch.tensor(keep, device=tokens.device)])
+            batch.next_pos = batch.next_pos + 1
     return [Completion(s.q, s.s, s.tokens, s.logprobs, s.finish, weight_version) for group in samples for s in group]
+
+
+class CispoEngine:
+    """The rollout engine interface, implemented by this module's `generate`.
+
+    An engine is built as `Engine(model, config, pad_id, tokenizer)` from a loaded HF causal LM on
+    its device, and offers `generate(requests) -> completions` (request order, then sample order),
+    `load_weights(state_dict, version)` and `close()`. This one switches the model to the decode
+    attention kernel and MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2)
+    whatever the body's dtype; on CUDA a
+    MiniMax model's lightning attention runs fla's kernels (rollout.kernels).
+    """
+
+    def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None):
+        self.model = model.eval()
+        use_decode_attention(self.model)
+        self.model.lm_head.float()
+        if getattr(self.model.config, "_experts_implementation", None) == "eager":
+            # One grouped GEMM per projection instead of a Python loop over experts with a host sync
+            # (nonzero) in each MoE layer: 12% faster on the CPU benchmark, same tokens and logprobs.
+            # Training keeps eager experts (grouped_mm's backward gave NaN, DESIGN §9); this is inference.
+            self.model.config._experts_implementation = "grouped_mm"
+        if self.model.lm_head.weight.is_cuda and self.model.config.model_type == "minimax":
+            try:
+                use_fla_lightning(self.model)
+            except ImportError as e:
+                print(f"warning: {e}; lightning attention stays on the torch path", flush=True)
+        self.config, self.pad_id, self.tokenizer, self.version = config, pad_id, tokenizer, 0
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        return generate(self.model, requests, self.pad_id, self.version, self.config.max_batch_rows,
+                        decode=self._text if self.tokenizer is not None else None)
+
+    def _text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        """Copy `state_dict` (any dtype, any device) into the model, cast to each parameter's dtype."""
+        self.model.load_state_dict(state_dict)
+        self.version = version
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def engine_class(name: str):
+    """The engine class registered as `name` in rollout.config.ENGINES."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout.engine {name!r}; registered engines: {', '.join(ENGINES)}")
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -77,10 +77,12 @@ class GrowingLayer(DynamicLayer):
 
 
 class HybridCache(MiniMaxCache):
-    """MiniMaxCache that measures length on the first softmax layer, with row operations for batching.
+    """The engine's cache for any supported model: MiniMax's hybrid layout, or dense softmax layers.
 
-    Upstream reads layer 0, which is a linear layer in M1's layout and never stores keys, so it
-    reports 0 and breaks padded cached decoding and chunked prefill (DESIGN §5).
+    It measures length on the first softmax layer: upstream MiniMaxCache reads layer 0, which is a
+    linear layer in M1's layout and never stores keys, so it reports 0 and breaks padded cached
+    decoding and chunked prefill (DESIGN §5). Being a MiniMaxCache (a DynamicCache) it is accepted by
+    MiniMax models and by dense ones (Llama, Qwen2), which then simply have no linear states.
     Rows are sequences: `select` drops finished ones, `extend` appends newly prefilled ones. Linear
     layers hold one [heads, d, d] state per row; softmax layers hold left-padded KV of one length.
     """
@@ -121,8 +123,24 @@ class HybridCache(MiniMaxCache):
         return pads
 
 
+ENGINE_LAYER_TYPES = ("full_attention", "linear_attention")
+
+
+def layer_types(config) -> list[str]:
+    """Each layer's attention kind; dense configs without `layer_types` are all full attention.
+
+    Raises ValueError for kinds the engine's cache cannot batch (sliding-window or SSM layers).
+    """
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    for i, kind in enumerate(types):
+        if kind not in ENGINE_LAYER_TYPES:
+            raise ValueError(f"{config.model_type} layer {i} is {kind!r}; the rollout engine runs "
+                             f"{' and '.join(ENGINE_LAYER_TYPES)} layers only")
+    return types
+
+
 def new_cache(model) -> HybridCache:
-    return HybridCache(list(model.config.layer_types))
+    return HybridCache(layer_types(model.config))
 
 
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -159,9 +177,10 @@ def fp32_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden.float() @ model.lm_head.weight.float().t()
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Any HF causal-LM directory; MiniMax models get eager experts like `build_hybrid` ones."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Any HF causal-LM directory, in `dtype` on `device`; MiniMax models get eager experts like
+    `build_hybrid` ones."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     if model.config.model_type == "minimax":
         model.config._experts_implementation = "eager"
     return model

@@ -8,35 +8,47 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from rollout.engine import Completion, Request, generate
-from rollout.model import load_model, load_tokenizer, use_decode_attention
+from rollout.config import RolloutConfig
+from rollout.engine import Completion, Request, engine_class
+from rollout.model import load_model, load_tokenizer
 
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_dir: str, pad_id: int, threads: int = 0, max_batch_rows: int = 256):
+    """One model replica behind the engine that `config.engine` names.
+
+    It runs on the first GPU Ray gives it (`resources.rollout.gpus`, fractions included) and on the CPU
+    otherwise, with weights in `config.dtype` (auto: bf16 on a GPU, fp32 on CPU). To add an engine,
+    write one class with `__init__(model, config, pad_id, tokenizer)`, `generate(requests) ->
+    completions`, `load_weights(state_dict, version)` and `close()` (rollout.engine.CispoEngine and
+    rollout.hf_engine.HFGenerateEngine are the two there are), and register it with one line in
+    rollout.config.ENGINES; recipes then choose it by `rollout.engine`.
+    """
+
+    def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig):
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
-        torch.set_num_threads(threads or os.cpu_count())
-        self.model = load_model(model_dir).eval()
-        use_decode_attention(self.model)
-        self.pad_id, self.max_batch_rows = pad_id, max_batch_rows
-        self.version = 0
-        # Stop strings are matched on text, so the worker keeps the tokenizer saved beside the model.
-        self.tokenizer = load_tokenizer(model_dir)
+        torch.set_num_threads(config.threads or os.cpu_count())
+        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours.
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        dtype = torch.bfloat16 if config.dtype == "bf16" or (config.dtype == "auto" and gpu) else torch.float32
+        model = load_model(model_dir, dtype=dtype, device=self.device)
+        # Stop strings are matched on text, so the engine gets the tokenizer saved beside the model.
+        self.engine = engine_class(config.engine)(model, config, pad_id, load_tokenizer(model_dir))
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        return generate(self.model, requests, self.pad_id, self.version, self.max_batch_rows, decode=self._text)
-
-    def _text(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.engine.generate(requests)
 
     def update_weights(self, state_dict: dict, version: int) -> int:
-        self.model.load_state_dict(state_dict)
-        self.version = version
+        self.engine.load_weights(state_dict, version)
         return version
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def placement(self) -> str:
+        """The device this worker's model sits on, e.g. "cuda:0" or "cpu"."""
+        return str(self.device)
 
 
 def balance(requests: list[Request], workers: int) -> list[list[int]]:
@@ -67,12 +79,13 @@ class RolloutPool:
         self.failures = 0
 
     @classmethod
-    def start(cls, num_workers: int, model_dir: str, pad_id: int, threads: int = 0,
-              max_batch_rows: int = 256, options: dict | None = None) -> RolloutPool:
-        """`options` are Ray actor options (CPUs, GPUs, a node resource that places the workers)."""
+    def start(cls, num_workers: int, model_dir: str, pad_id: int, config: RolloutConfig,
+              options: dict | None = None) -> RolloutPool:
+        """`config` picks each worker's engine, dtype, threads and batch rows; `options` are Ray actor
+        options (CPUs, GPUs, a node resource that places the workers)."""
         # Not waited on here, so that the caller's other actors start alongside (3-6 s each).
         actor = RolloutWorker.options(**(options or {}))
-        return cls([actor.remote(model_dir, pad_id, threads, max_batch_rows) for _ in range(num_workers)])
+        return cls([actor.remote(model_dir, pad_id, config) for _ in range(num_workers)])
 
     def submit(self, requests: list[Request]) -> Rollout:
         """Start generating `requests` on the workers and return at once; `.result()` waits."""

@@ -7,6 +7,7 @@ from cispo.batching import TrainBatch, pad_rows
 from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
 from cispo.trainer import TrainerGroup
+from rollout.config import RolloutConfig
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import load_model, token_logprobs
 from rollout.worker import RolloutPool
@@ -17,7 +18,7 @@ def test_trainer_learns_and_publishes_versioned_weights(ray_session, tiny_model_
     tok = tiny_tokenizer
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["sft.lr=0.003", "run.threads=2"])
     trainers = TrainerGroup.start(recipe, str(tiny_model_dir))
-    pool = RolloutPool.start(1, str(tiny_model_dir), tok.pad_token_id, 2)
+    pool = RolloutPool.start(1, str(tiny_model_dir), tok.pad_token_id, RolloutConfig(threads=2))
     try:
         enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
         rows = [(tok(f"{a}+{b}=")["input_ids"], enc(f"\\boxed{{{a + b}}}") + [tok.eos_token_id])

@@ -1,32 +1,36 @@
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rollout import engine
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import build_hybrid, fp32_logits, use_decode_attention
+from tests.rollout.reference import teacher_forced
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
+ARCHITECTURES = ["minimax", "llama", "qwen2"]
+DENSE = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
-def _model(**overrides):
+def _model(arch="minimax", **overrides):
+    """A tiny random model: M1's hybrid layout, or a dense Llama/Qwen2 layout with grouped-query heads."""
     torch.manual_seed(0)
-    return build_hybrid("tiny", 32, **overrides).eval()
+    if arch == "minimax":
+        return build_hybrid("tiny", 32, **overrides).eval()
+    config_class, model_class = DENSE[arch]
+    shape = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False)
+    return model_class(config_class(**{**shape, **overrides})).eval()
 
 
-def _teacher_forced(model, prompt, tokens, temperature=1.0):
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = fp32_logits(model, model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1])
-    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
-
-
-def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups():
-    model = _model()
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups(arch):
+    model = _model(arch)
     params = SamplingParams(max_new_tokens=24, temperature=0.7)
     out = generate(model, [Request(p, n=3, seed=i, params=params) for i, p in enumerate(PROMPTS)], pad_id=0)
     assert [(c.request_index, c.sample_index) for c in out] == [(q, s) for q in range(3) for s in range(3)]
     for c in out:
-        expected = _teacher_forced(model, PROMPTS[c.request_index], c.token_ids, temperature=0.7)
+        expected = teacher_forced(model, PROMPTS[c.request_index], c.token_ids, temperature=0.7)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
@@ -39,10 +43,10 @@ def _mixed_requests(temperature, longest=300):
             for i, (p, b) in enumerate(zip(prompts, budgets))]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "decode"])
-def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypatch, attention):
+@pytest.mark.parametrize("arch, attention", [(a, "decode") for a in ARCHITECTURES] + [("minimax", "sdpa")])
+def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypatch, arch, attention):
     # The workers' decode attention, with grouped-query heads, against SDPA's full forward.
-    model = _model(num_key_value_heads=2)
+    model = _model(arch, num_key_value_heads=2)
     if attention == "decode":
         use_decode_attention(model)
     joins = []  # rows running when a new prefill joined them
@@ -55,21 +59,29 @@ def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypat
     # The 300-token request outgrows the KV's first allocation (length + 256 positions).
     assert max(len(c.token_ids) for c in out) == 300
     for c in out:
-        expected = _teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+        expected = teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
-def test_outputs_do_not_depend_on_batch_composition():
-    model = _model()
+def _view(completions):
+    return [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in completions]
+
+
+@pytest.mark.parametrize("arch", ["minimax", "llama"])
+def test_outputs_do_not_depend_on_batch_composition_or_admission_order(arch):
+    model = _model(arch)
     for temperature in (0.0, 1.0):
         requests = _mixed_requests(temperature, longest=60)
         alone = [c for i, r in enumerate(requests) for c in generate(model, [r], 0)]
         for c, i in zip(alone, [i for i, r in enumerate(requests) for _ in range(r.n)]):
             c.request_index = i
         for rows in (3, 256):
-            batched = generate(model, requests, 0, max_batch_rows=rows)
-            assert [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in batched] == \
-                   [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in alone]
+            assert _view(generate(model, requests, 0, max_batch_rows=rows)) == _view(alone)
+        # Admitted in reverse order, beside other rows: each request's samples are unchanged.
+        reverse = generate(model, requests[::-1], 0, max_batch_rows=4)
+        for c in reverse:
+            c.request_index = len(requests) - 1 - c.request_index
+        assert sorted(_view(reverse)) == _view(alone)
 
 
 def test_seeds_and_top_k_top_p_shape_samples():
@@ -108,15 +120,21 @@ def test_repetition_stop_triggers_on_confident_runs_only():
     assert all(c.finish_reason == "length" and len(c.token_ids) == 200 for c in out)
 
 
-def test_stop_strings_end_generation_on_decoded_text(tiny_tokenizer):
-    from rollout.engine import _Sample
+def test_stop_strings_end_generation_on_decoded_text(tiny_model_dir, tiny_tokenizer):
+    from rollout.model import load_model
 
-    tok = tiny_tokenizer
+    model, tok = load_model(tiny_model_dir).eval(), tiny_tokenizer
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
-    sample = _Sample(0, 0, SamplingParams(max_new_tokens=50, stop_strings=("d{",)), torch.Generator())
-    ids = tok("\\boxed{12}", add_special_tokens=False)["input_ids"]
-    going = [sample.record(t, -0.1, 0.9, decode) for t in ids[:7]]
-    assert going == [True] * 6 + [False]  # stops at the token that completes "d{"
-    assert sample.finish == "stop" and decode(sample.tokens).endswith("d{")
+    greedy = SamplingParams(max_new_tokens=30, temperature=0)
+    free = generate(model, [Request(PROMPTS[0], params=greedy)], 0)[0]
+    # A stop string of two characters the free run produced (ids >= 4 are characters, one each);
+    # the oracle is the shortest prefix whose whole text contains it.
+    i = next(i for i in range(3, 28) if min(free.token_ids[i:i + 2]) >= 4)
+    stop = decode(free.token_ids[i:i + 2])
+    first = next(k for k in range(1, 31) if stop in decode(free.token_ids[:k]))
+    params = SamplingParams(max_new_tokens=30, temperature=0, stop_strings=(stop,))
+    stopped = generate(model, [Request(PROMPTS[0], params=params)], 0, decode=decode)[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first]
+    assert decode(stopped.token_ids).endswith(stop)
     with pytest.raises(ValueError, match="decode"):
         generate(_model(), [Request(PROMPTS[0], params=SamplingParams(stop_strings=("x",)))], 0)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from rollout.model import build_hybrid, fp32_logits, load_model, load_tokenizer, new_cache, token_logprobs
@@ -78,11 +78,31 @@ def test_tokenizer_and_model_round_trip(tiny_model_dir, tiny_tokenizer):
     assert model.config.model_type == "minimax" and model.config._experts_implementation == "eager"
 
 
-def test_any_hf_causal_lm_directory_loads(tmp_path, tiny_tokenizer):
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_hf_directories_load_and_train_through_the_fp32_head(tmp_path, tiny_tokenizer, arch):
+    """A saved tiny Llama/Qwen2 with its tokenizer: load_model, the engine's cache, and the trainer's
+    LogprobModel (cispo.trainer reads causal_lm.model and causal_lm.lm_head.weight)."""
+    from cispo.trainer import LogprobModel
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config = config_class(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     model = load_model(tmp_path)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert len(load_tokenizer(tmp_path)) == len(tiny_tokenizer)
+    assert type(model) is model_class and len(load_tokenizer(tmp_path)) == len(tiny_tokenizer)
+    assert not new_cache(model).linear_cache
+    ids = torch.randint(4, len(tiny_tokenizer), (2, 9))
+    logp, entropy = LogprobModel(model)(ids)
+    expected = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+    assert (logp - expected).abs().max() < 1e-5
+    logp.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad is not None
+
+
+def test_layer_kinds_the_engine_cannot_batch_are_named():
+    config = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         layer_types=["full_attention", "sliding_attention"], use_sliding_window=True, sliding_window=8)
+    with pytest.raises(ValueError, match="layer 1 is 'sliding_attention'"):
+        new_cache(Qwen2ForCausalLM(config))

@@ -8,9 +8,13 @@ import threading
 import pytest
 import torch
 
+from pydantic import ValidationError
+
+from rollout.config import RolloutConfig
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import load_model
 from rollout.worker import RolloutPool, balance
+from tests.rollout.reference import teacher_forced
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 7], [1, 9, 10, 11, 12], [1, 4, 4]]
 
@@ -29,7 +33,7 @@ def _view(completions):
 
 @pytest.fixture(scope="module")
 def workers(ray_session, tiny_model_dir):
-    pool = RolloutPool.start(2, str(tiny_model_dir), pad_id=0, threads=1, max_batch_rows=4)
+    pool = RolloutPool.start(2, str(tiny_model_dir), 0, RolloutConfig(threads=1, max_batch_rows=4))
     yield list(pool.workers)
     pool.shutdown()
 
@@ -73,6 +77,30 @@ def test_update_weights_is_versioned(workers, tiny_model_dir):
     assert {c.weight_version for c in out} == {7} and pool.version == 7
     assert _view(out) == _view(generate(model, _requests(1.0), pad_id=0))
     pool.update_weights(original, version=8)
+
+
+def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
+    """An `hf` worker (transformers' generate) gives the same records, with teacher-forced fp32 logprobs."""
+    with pytest.raises(ValidationError, match="registered engines: cispo, hf"):
+        RolloutConfig(engine="vllm")
+    model = load_model(tiny_model_dir).eval()
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(7,), repetition_tokens=100)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=5, repetition_tokens=100)
+    requests = [Request(PROMPTS[0], params=greedy), Request(PROMPTS[1], n=3, seed=5, params=sampled)]
+    pool = RolloutPool.start(1, str(tiny_model_dir), 0, RolloutConfig(threads=1, engine="hf"))
+    try:
+        out = pool.generate(requests)
+        with pytest.raises(Exception, match="does not support stop_strings"):
+            pool.generate([Request(PROMPTS[0], params=SamplingParams(stop_strings=("x",), repetition_tokens=100))])
+    finally:
+        pool.shutdown()
+    assert [(c.request_index, c.sample_index) for c in out] == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    ours = generate(model, requests[:1], pad_id=0)[0]
+    assert (out[0].token_ids, out[0].finish_reason) == (ours.token_ids, ours.finish_reason)
+    for c in out:
+        expected = teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids)
+        assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
+    assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out[1:])
 
 
 def test_dead_worker_requests_rerun_on_survivor(workers, ray_session, tiny_model_dir):
