@@ -9,7 +9,7 @@ allowed length), so neither holds more activations at once. Response lengths are
 (median 128, sigma 1) clipped to [16, 1024] after a 16-token prompt. Tokens/s counts real tokens.
 
 Then two RolloutWorkers receive the trainer's state dict through the object store, as each RL step
-does (cispo.loop._sync); we report seconds per MB of weights.
+does (TrainerGroup.publish); we report seconds per MB of weights.
 
     python benchmarks/train_throughput.py [--repeats 3] [--rows 64] [--preset tiny] [--threads 2]
 
@@ -27,9 +27,9 @@ import time
 import ray
 import torch
 
-from cispo.batching import pad_rows, shard
+from cispo.batching import TrainBatch, pad_rows, shard
 from cispo.config import load_recipe
-from cispo.trainer import start_trainers
+from cispo.trainer import TrainerGroup
 from rollout.config import RolloutConfig
 from rollout.model import build_char_tokenizer, build_hybrid, save_model
 from rollout.worker import RolloutPool
@@ -38,15 +38,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LEN, MAX_LEN, GROUP = 16, 1024, 8
 
 
-def long_tailed_batch(rows: int, vocab: int, seed: int) -> dict:
+def long_tailed_batch(rows: int, vocab: int, seed: int) -> TrainBatch:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.exp(torch.log(torch.tensor(128.0)) + torch.randn(rows, generator=g)).clamp(16, MAX_LEN).int()
     sequences = [(torch.randint(4, vocab, (PROMPT_LEN,), generator=g).tolist(),
                   torch.randint(4, vocab, (int(n),), generator=g).tolist()) for n in lengths]
     batch = pad_rows(sequences, filler_id=1)
-    batch["old_logprobs"] = torch.full_like(batch["loss_mask"], -8.0) * batch["loss_mask"]
-    batch["advantages"] = torch.randn(rows, generator=g)
-    batch["group_index"] = torch.arange(rows) // GROUP
+    batch.old_logprobs = torch.full_like(batch.loss_mask, -8.0) * batch.loss_mask
+    batch.advantages = torch.randn(rows, generator=g)
+    batch.group_index = torch.arange(rows) // GROUP
     return batch
 
 
@@ -69,8 +69,8 @@ def main() -> None:
     save_model(model, tok, model_dir)
     recipe = load_recipe(os.path.join(REPO, "recipes/tiny-arith.yaml"),
                          [f"run.threads={args.threads}", "algorithm.updates_per_batch=1", "optim.lr=1e-6"])
-    trainers = start_trainers(recipe, model_dir)
-    trainer = trainers[0]
+    trainers = TrainerGroup.start(recipe, model_dir)
+    trainer = trainers.ranks[0]  # one rank: each mode's micro-batch plan is timed on its own
     batch = long_tailed_batch(args.rows, len(tok), seed=0)
     modes = {
         "naive": recipe.trainer.model_copy(update={"length_bucketing": False, "micro_batch_size": args.micro_rows}),
@@ -87,18 +87,17 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - t0)
 
     pool = RolloutPool.start(2, model_dir, tok.pad_token_id, RolloutConfig(threads=1))
-    state = trainer.state_dict.remote()
-    megabytes = sum(v.numel() * v.element_size() for v in ray.get(state).values()) / 2**20
-    pool.update_weights(state, 0)  # warm-up: both workers are up
+    megabytes = sum(v.numel() * v.element_size() for v in trainers.state_dict().values()) / 2**20
+    trainers.publish(pool, 0)  # warm-up: both workers are up
     publish = []
     for version in range(1, 6):
         t0 = time.perf_counter()
-        pool.update_weights(trainer.state_dict.remote(), version)  # gather, put, two loads
+        trainers.publish(pool, version)  # gather, put, two loads
         publish.append(time.perf_counter() - t0)
 
     real = plans["naive"][1]["real_tokens"]
     rate = {name: real / statistics.median(s) for name, s in seconds.items()}
-    lengths = sorted(batch["lengths"].tolist())
+    lengths = sorted(batch.lengths.tolist())
     print(json.dumps({
         "rows": args.rows, "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1],
         "naive_padding_fraction": round(1 - real / plans["naive"][1]["padded_tokens"], 3),
@@ -109,6 +108,8 @@ def main() -> None:
         "weights_mb": round(megabytes, 1), "publish_workers": 2, "publish_s": round(statistics.median(publish), 4),
         "publish_ms_per_mb": round(1000 * statistics.median(publish) / megabytes, 2),
     }))
+    trainers.shutdown()
+    pool.shutdown()
     ray.shutdown()
 
 

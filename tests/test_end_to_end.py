@@ -102,3 +102,35 @@ def test_staged_recipe_advances_windows_and_logs_the_rule(ray_session, tmp_path)
     assert len(moves) == 2 and all(r["stage_reason"] for r in moves)
     assert all(r["stage_reason"] is None for r in rows if r not in moves)
     assert all(r["response_length_p99"] <= r["window"] for r in rows)
+
+
+def even_first_character(response: str, answer: str) -> float:
+    """A reward a random model earns about half the time, so its groups have spread to learn from."""
+    return float(response[:1] != "" and ord(response[0]) % 2 == 0)
+
+
+def test_a_tiny_llama_trains_through_cispo_train(ray_session, tiny_tokenizer, tmp_path):
+    """Any HF causal LM: a random LlamaForCausalLM directory trains for 3 RL steps, and the rollout's
+    logprobs match the trainer's teacher-forced forward (old_logprobs=recompute logs the gap)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rollout.model import save_model
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    save_model(llama, tok, tmp_path / "llama")
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [
+        f"model.path={tmp_path / 'llama'}", f"run.dir={tmp_path / 'run'}", "run.max_steps=3", "sft.steps=0",
+        "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "run.threads=1",
+        "algorithm.old_logprobs=recompute", "wandb.mode=disabled", "optim.lr=1e-3",
+        "reward.name=tests.test_end_to_end:even_first_character"])
+    train(recipe)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["trained_groups"] > 0 and r["grad_norm"] > 0 and r["old_logprob_gap"] <= 1e-4 for r in rows)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run/final")
+    assert type(trained).__name__ == "LlamaForCausalLM"
+    assert any(not torch.equal(v, llama.state_dict()[k]) for k, v in trained.state_dict().items())
