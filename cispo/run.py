@@ -19,7 +19,9 @@ class RunDir:
 
     def __init__(self, recipe: Recipe):
         """Refuses to reuse a dir that holds a run unless resuming; with run.resume, finds the newest
-        complete checkpoint (`resume_from`) or refuses."""
+        complete checkpoint (`resume_from`) or refuses. A reward that cannot load is refused here too,
+        before a model is built or Ray started."""
+        recipe.rewards()
         self.recipe, self.path = recipe, Path(recipe.run.dir)
         found = checkpoint.latest(self.path) if recipe.run.resume else None
         if recipe.run.resume and found is None:
@@ -38,8 +40,8 @@ class RunDir:
         if self.resume_from is None:
             try:
                 model, tok = starting_model(self.recipe.model)
-            except (FileNotFoundError, ValueError) as exc:  # a missing model.path, an unknown preset
-                raise RecipeError(str(exc)) from None
+            except (FileNotFoundError, ValueError) as exc:  # a missing model.path
+                raise RecipeError(f"{self.recipe.where('model.path')}: {exc}") from None
             save_model(model, tok, model_dir)
         return str(model_dir)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
 # MiniMaxConfig's; max_position_embeddings is spelled out (131,072 is its default) because plan reads it.
@@ -21,6 +21,13 @@ PRESETS: dict[str, dict] = {
                num_key_value_heads=8, head_dim=128, num_local_experts=32, num_experts_per_tok=2,
                block_size=256, max_position_embeddings=10_240_000),
 }
+
+
+def preset_config(name: str) -> dict:
+    """The MiniMaxConfig fields of preset `name`; ValueError naming the valid presets if there is none."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def m1_layer_types(num_layers: int, linear_per_full: int = 7) -> list[str]:
@@ -43,6 +50,12 @@ class ModelConfig(Section):
                                 "own special tokens, e.g. BOS)")
     alphabet: str = Field(string.digits + string.ascii_letters + string.punctuation + " \n",
                           description="characters of the offline character-level tokenizer (fresh models only)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v):
+        preset_config(v)
+        return v
 
 
 class RolloutConfig(Section):
