@@ -24,13 +24,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Timer:
-    """Seconds per phase within one step; repeated phases (refill draws) add up."""
+    """Seconds per phase within one step; repeated phases (refill draws) add up. With a `label` (an RL
+    step's "step 3"), each phase announces itself on the console as it starts ("step 3: reward"), so a
+    user sees where a slow or stuck step is."""
 
-    def __init__(self):
+    def __init__(self, label: str | None = None):
+        self.label = label
         self.start, self.spent = time.perf_counter(), {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
 
     @contextmanager
     def __call__(self, phase: str):
+        if self.label:
+            print(f"{self.label}: {phase}", flush=True)
         t0 = time.perf_counter()
         yield
         self.spent[phase] += time.perf_counter() - t0
