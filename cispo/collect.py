@@ -18,7 +18,6 @@ from cispo.data import Prompt, PromptSource, derive_seed
 from cispo.metrics import Timer, percentile
 from cispo.sampling import dynamic_sample
 from rewards.pool import ScoringPool
-from rewards.registry import build as build_reward
 from rewards.types import RewardInput
 from rollout.engine import Completion, Request, SamplingParams
 from rollout.model import load_tokenizer
@@ -79,10 +78,7 @@ class Collector:
 
     def __init__(self, recipe: Recipe, tok, rollout, scorer: ScoringPool):
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
-        try:
-            self.rewards = {s.name: build_reward(recipe.reward, s.name, recipe.search_dirs()) for s in recipe.data.mix()}
-        except ValueError as exc:  # a 'module:function' that does not import, a sandbox too weak for 'code'
-            raise RecipeError(str(exc)) from None
+        self.rewards = recipe.rewards()  # RecipeError naming the key for a reward that cannot load
 
     def sampling(self, temperature: float | None = None, max_new_tokens: int | None = None) -> SamplingParams:
         """The recipe's sampling parameters, at another temperature (0: greedy) or budget if given."""

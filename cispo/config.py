@@ -5,10 +5,11 @@ import difflib
 import importlib
 import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from rewards.config import RewardConfig
 from rollout.config import ModelConfig, RolloutConfig
@@ -149,6 +150,32 @@ class SFTConfig(Section):
     batch_size: int = Field(64, ge=1, description="prompts per warm-start step, each with its demonstration")
 
 
+# The top-level keys DeepSpeed's own config parser reads (deepspeed.runtime.config.DeepSpeedConfig,
+# DeepSpeed 0.19.8), written out because importing DeepSpeed imports torch; tests/cispo/test_first_contact.py
+# records what that parser reads and fails when this list and it disagree.
+DEEPSPEED_KEYS = frozenset("""
+activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger communication_data_type
+compile compression_training csv_monitor curriculum_learning data_efficiency data_types dataloader_drop_last
+datastates_ckpt disable_allgather disable_python_gc dump_state eigenvalue elasticity expert_parallel
+flops_profiler fp16 gradient_accumulation_steps gradient_allreduce_op gradient_clipping gradient_predivide_factor
+graph_harvesting hybrid_engine log_level managed_gradient_accumulation memory_breakdown nebula optimizer pipeline
+prescale_gradients progressive_layer_drop quantize_training scheduler seq_parallel_communication_data_type
+sparse_attention sparse_gradients steps_per_print tensor_parallel tensorboard timers torch_autocast
+train_batch_size train_micro_batch_size_per_gpu use_data_before_expert_parallelism vocabulary_size
+wall_clock_breakdown wandb weight_quantization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer
+zero_optimization
+""".split())
+
+
+def _deepspeed_key(key: str) -> str:
+    # DeepSpeed ignores a top-level key it does not know, so a misspelled section would silently do nothing.
+    if key not in DEEPSPEED_KEYS:
+        close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"DeepSpeed has no top-level key {key!r}{hint}")
+    return key
+
+
 class TrainerConfig(Section):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks, one Ray actor each")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 + "
@@ -161,8 +188,10 @@ class TrainerConfig(Section):
                                    "rows at a time (the baseline of benchmarks/train_throughput.py)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory, "
                                          "about one more forward of time")
-    deepspeed: dict = Field(default_factory=dict, description="merged key by key over the generated DeepSpeed "
-                            "config (cispo.trainer.deepspeed_config): bf16, offload_optimizer, ...")
+    deepspeed: dict[Annotated[str, AfterValidator(_deepspeed_key)], Any] = Field(
+        default_factory=dict, description="merged key by key over the generated DeepSpeed config "
+        "(cispo.trainer.deepspeed_config): bf16, zero_optimization.offload_optimizer, ...; top-level keys are "
+        "checked against DeepSpeed's")
 
     @model_validator(mode="after")
     def _bf16_needs_zero(self):
@@ -247,6 +276,30 @@ class Recipe(Section):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     _origin: Path | None = PrivateAttr(None)  # the recipe file it was loaded from
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> value, from the command line
+
+    def where(self, key: str) -> str:
+        """Where the value of dotted `key` came from: 'command line' when an override set it (or a section
+        around it, or a key inside it), else the recipe file."""
+        return _where(key, self._origin, self._overrides)
+
+    def rewards(self) -> dict:
+        """Each data source's reward, built as the scoring processes will call it (rewards.registry.build):
+        a user's module imported from `search_dirs()`, the code sandbox probed. Raises RecipeError, one line
+        naming the reward key, its value and where it was set, for a reward that cannot load."""
+        return {s.name: self.source_reward(s.name) for s in self.data.mix()}
+
+    def source_reward(self, source: str):
+        """The reward of data source `source` (see `rewards`)."""
+        from rewards.registry import build
+
+        key = f"reward.sources.{source}" if source in self.reward.sources else "reward.name"
+        name = self.reward.sources.get(source, self.reward.name)
+        try:
+            return build(self.reward, source, self.search_dirs())
+        except ValueError as exc:  # a module that does not import, a parameter it cannot fill, a weak sandbox
+            why = str(exc).removeprefix(f"reward {name!r}: ")
+            raise RecipeError(f"{self.where(key)}: key '{key}' = {name!r}: {why}") from None
 
     def search_dirs(self) -> list[str]:
         """Where a user's reward module ('module:function') is looked for, besides sys.path: the working
@@ -298,15 +351,28 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     for p in parents:
         tree = tree.setdefault(p, {})
         if not isinstance(tree, dict):
-            raise RecipeError(f"override {dotted}: {p!r} is not a section")
+            raise RecipeError(f"command line: override {dotted}: {p!r} is not a section")
     tree[leaf] = yaml.safe_load(raw) if raw != "" else None
 
 
-def _explain(err: ValidationError, where: str) -> RecipeError:
+def _where(key: str, origin: Path | None, overrides: dict[str, str]) -> str:
+    for k in overrides:
+        if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return "command line"
+    return str(origin) if origin else "the recipe"
+
+
+def _explain(err: ValidationError, path: Path, overrides: dict[str, str]) -> RecipeError:
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
     if not e["loc"]:  # a check across sections (Recipe._consistent) names its own keys
-        return RecipeError(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        named = [k for k in overrides if k in msg]
+        return RecipeError(f"{_where(named[0], path, overrides) if named else path}: {msg}")
+    if e["loc"][-1] == "[key]":  # a dict whose keys are checked (trainer.deepspeed)
+        key = ".".join(str(p) for p in e["loc"][:-1])
+        return RecipeError(f"{_where(key, path, overrides)}: unknown key '{key}': {msg}")
+    key = ".".join(str(p) for p in e["loc"])
+    where = _where(key, path, overrides)
     if e["type"] == "extra_forbidden":
         bare = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
         close = difflib.get_close_matches(bare, _valid_keys(Recipe), n=1, cutoff=0.6)
@@ -316,7 +382,7 @@ def _explain(err: ValidationError, where: str) -> RecipeError:
         return RecipeError(f"{where}: unknown key '{key}'{hint}")
     if e["type"] == "missing":
         return RecipeError(f"{where}: missing required key '{key}'")
-    return RecipeError(f"{where}: key '{key}' = {e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}")
+    return RecipeError(f"{where}: key '{key}' = {e.get('input')!r}: {msg}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -332,16 +398,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}{line}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    given = {}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
-            raise RecipeError(f"override {item!r} is not key=value")
+            raise RecipeError(f"command line: override {item!r} is not key=value")
         _set_dotted(tree, key.strip(), value)
+        given[key.strip()] = value
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as err:
-        raise _explain(err, str(path)) from None
-    recipe._origin = path
+        raise _explain(err, path, given) from None
+    recipe._origin, recipe._overrides = path, given
     return recipe
 
 

@@ -52,7 +52,7 @@ def train(recipe: Recipe) -> dict:
         print(f"eval accuracy before RL: {acc_start:.3f}", flush=True)
         rows = read_metrics(run.path) if run.resume_from else []
         for step in range(first_step, recipe.run.max_steps + 1):
-            timer = Timer()
+            timer = Timer(f"step {step}")
             window, reason = advance(rows, recipe.stages) if recipe.stages.windows else (recipe.rollout.max_new_tokens, None)
             if reason:
                 print(f"stage: window -> {window} tokens ({reason})", flush=True)

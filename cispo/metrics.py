@@ -6,10 +6,11 @@ import json
 import os
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from cispo.config import Recipe
+from cispo.config import Recipe, RecipeError
 
 # What the progress line shows, in order: (metric, label, format).
 _CONSOLE = [("reward_mean", "reward", ".3f"), ("response_length_mean", "len", ".1f"),
@@ -23,13 +24,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Timer:
-    """Seconds per phase within one step; repeated phases (refill draws) add up."""
+    """Seconds per phase within one step; repeated phases (refill draws) add up. With a `label` (an RL
+    step's "step 3"), each phase announces itself on the console as it starts ("step 3: reward"), so a
+    user sees where a slow or stuck step is."""
 
-    def __init__(self):
+    def __init__(self, label: str | None = None):
+        self.label = label
         self.start, self.spent = time.perf_counter(), {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
 
     @contextmanager
     def __call__(self, phase: str):
+        if self.label:
+            print(f"{self.label}: {phase}", flush=True)
         t0 = time.perf_counter()
         yield
         self.spent[phase] += time.perf_counter() - t0
@@ -65,19 +71,52 @@ class MetricsLog:
         return row
 
     def truncate(self, last_step: int) -> None:
-        """On resume, drop rows of steps after the checkpoint (they will be logged again)."""
+        """On resume, drop rows of steps after the checkpoint (they will be logged again), and a torn last
+        line (with a warning); the rows kept stay byte for byte. Written aside and renamed, so a crash
+        here loses nothing."""
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line, row in _lines(self.path) if row["step"] <= last_step]
+            staging = self.path.with_name(self.path.name + ".tmp")
+            staging.write_text("".join(line + "\n" for line in kept))
+            staging.replace(self.path)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
 
 
+def _lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for each row of a metrics.jsonl. A row is written as one line ending in a newline, so a
+    last line without one that is not a whole JSON object was torn by a crash mid-write: it is dropped with
+    a warning. Any other line that is not a JSON object is a RecipeError naming file:line."""
+    lines = path.read_text().split("\n")  # after the last newline: "" unless the last line was torn
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError(f"not a metrics row: {line[:60]!r}")
+        except ValueError as exc:  # json.JSONDecodeError is one
+            if n == len(lines):
+                warnings.warn(f"{path}:{n}: dropped a torn last line (the run stopped while writing it): "
+                              f"{line[:60]!r}", stacklevel=3)
+                break
+            raise RecipeError(f"{path}:{n}: malformed metrics row ({exc})") from None
+        out.append((line, row))
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl, one per logged step, without a torn last line (see `_lines`).
+    Raises RecipeError, one line, when the file is missing or a complete line is malformed."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        if not Path(run_dir).exists():
+            raise RecipeError(f"run dir {run_dir} does not exist")
+        raise RecipeError(f"run dir {run_dir} has no metrics.jsonl (a run writes it after its first step)")
+    return [row for _, row in _lines(path)]
 
 
 def time_medians(rows: list[dict]) -> dict:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cispo.config import Recipe
+from cispo.config import Recipe, RecipeError
 from rollout.config import PRESETS, m1_layer_types
 
 GiB = 2**30
@@ -149,6 +149,10 @@ def build(recipe: Recipe) -> Plan:
         for path in (s.path, s.eval_path):
             if path and not Path(path).is_file():
                 warnings.append(f"data source {s.name!r}: {path} is not on this machine")
+        try:  # as the run will: a user's module imported, the code sandbox probed
+            recipe.source_reward(s.name)
+        except RecipeError as err:
+            warnings.append(f"data source {s.name!r}: {err}")
     flops = [(c, shape.flops_per_token(c), shape.flops_per_token(c, hybrid=False)) for c in CONTEXTS]
     return Plan(shape, where, roles, memory, flops, warnings)
 

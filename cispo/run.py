@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 from cispo import checkpoint
 from cispo.config import Recipe, RecipeError, dump_recipe
+from rewards.pool import signals_left_to_parent
 from rollout.model import save_model, starting_model
 
 
@@ -19,7 +21,9 @@ class RunDir:
 
     def __init__(self, recipe: Recipe):
         """Refuses to reuse a dir that holds a run unless resuming; with run.resume, finds the newest
-        complete checkpoint (`resume_from`) or refuses."""
+        complete checkpoint (`resume_from`) or refuses. A reward that cannot load is refused here too,
+        before a model is built or Ray started."""
+        recipe.rewards()
         self.recipe, self.path = recipe, Path(recipe.run.dir)
         found = checkpoint.latest(self.path) if recipe.run.resume else None
         if recipe.run.resume and found is None:
@@ -38,8 +42,8 @@ class RunDir:
         if self.resume_from is None:
             try:
                 model, tok = starting_model(self.recipe.model)
-            except (FileNotFoundError, ValueError) as exc:  # a missing model.path, an unknown preset
-                raise RecipeError(str(exc)) from None
+            except (FileNotFoundError, ValueError) as exc:  # a missing model.path
+                raise RecipeError(f"{self.recipe.where('model.path')}: {exc}") from None
             save_model(model, tok, model_dir)
         return str(model_dir)
 
@@ -68,7 +72,9 @@ class RunDir:
 
 def start_ray(recipe: Recipe) -> None:
     """Join the cluster at RAY_ADDRESS (launch/ray-cluster.sh, tests), or start a local Ray sized for the
-    recipe's actors."""
+    recipe's actors. A local Ray's processes (GCS, raylet, agents, the actors' workers) block SIGINT and
+    SIGTERM sent to the whole process group, so that a Ctrl-C or a preemption ends the run with a
+    checkpoint rather than with a dead GCS; the controller shuts them down (Ray: SIGKILL after 1 s each)."""
     import ray
 
     if ray.is_initialized():
@@ -78,7 +84,8 @@ def start_ray(recipe: Recipe) -> None:
         ray.init()
     else:
         actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
-        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
+        with signals_left_to_parent():
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
 
 
 class StopRequest:
@@ -92,7 +99,8 @@ class StopRequest:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"{self.requested}: finishing step, then saving a checkpoint", flush=True)
+        # os.write, not print: a signal that lands inside a print would make print re-enter itself.
+        os.write(sys.stdout.fileno(), f"{self.requested}: finishing step, then saving a checkpoint\n".encode())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -3,17 +3,22 @@
 math-verify times out with `signal.alarm`, which only works on a main thread, and a user's reward
 can hang, crash, or return something that is not a score; so every call runs in a child process that
 is killed when it overruns, and every score is checked here, whichever reward produced it.
+
+Ctrl-C, `timeout` and SLURM signal every process of the job, children included; the children block
+SIGINT and SIGTERM (`signals_left_to_parent`) so that the parent alone decides how the step ends.
 """
 from __future__ import annotations
 
 import math
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -25,6 +30,20 @@ class RewardResult:
     score: float
     status: str  # ok | error | timeout | sandbox_error
     error: str = ""
+
+
+@contextmanager
+def signals_left_to_parent():
+    """Processes started inside this block (and everything they start) have SIGINT and SIGTERM blocked:
+    the signal mask survives fork and exec, and a blocked signal is never delivered, whatever handler the
+    child installs. So a signal to the whole process group (Ctrl-C in a terminal, `timeout`, SLURM's
+    scancel or preemption) reaches only the parent, which finishes its step and shuts the children
+    down itself; SIGKILL still ends them. Ray blocks SIGINT in its own daemons the same way."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _result(score) -> RewardResult:
@@ -65,6 +84,13 @@ def _serve(fd: int) -> None:
                       * len(inputs))
 
 
+@dataclass
+class _Job:
+    indices: list[int]  # into the inputs of one `map`
+    inputs: list[RewardInput]
+    retried: bool = False  # a job whose process died runs once more, on a fresh process
+
+
 class _Worker:
     # A fresh interpreter rather than multiprocessing: fork would copy Ray's and torch's threads,
     # and spawn would re-run the user's main script.
@@ -72,11 +98,12 @@ class _Worker:
         ours, child = socket.socketpair()
         code = f"from rewards.pool import _serve; _serve({child.fileno()})"
         path = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()],
-                                     env={**os.environ, "PYTHONPATH": path})
+        with signals_left_to_parent():
+            self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()],
+                                         env={**os.environ, "PYTHONPATH": path})
         child.close()
         self.conn = Connection(ours.detach())
-        self.job: tuple[list[int], list[RewardInput]] | None = None  # (input indices, inputs)
+        self.job: _Job | None = None
         self.deadline = 0.0
 
     def kill(self) -> None:
@@ -106,17 +133,15 @@ class ScoringPool:
             raise ValueError(f"the reward cannot be sent to the scoring processes: {type(exc).__name__}: {exc}") from None
         if reward.batched:
             chunks = [list(range(len(inputs)))[w::len(self._workers)] for w in range(len(self._workers))]
-            jobs = [(c, [inputs[i] for i in c]) for c in chunks if c]
+            pending = [_Job(c, [inputs[i] for i in c]) for c in chunks if c]
         else:
-            jobs = [([i], [x]) for i, x in enumerate(inputs)]
+            pending = [_Job([i], [x]) for i, x in enumerate(inputs)]
         results: list[RewardResult | None] = [None] * len(inputs)
-        pending = jobs[::-1]
+        pending.reverse()
         while pending or any(w.job is not None for w in self._workers):
-            for w in self._workers:
+            for i, w in enumerate(self._workers):
                 if w.job is None and pending:
-                    w.job = pending.pop()
-                    w.deadline = time.monotonic() + self.timeout_s * len(w.job[0])
-                    w.conn.send((sent, w.job[1]))
+                    self._send(i, pending.pop(), sent)
             busy = [w for w in self._workers if w.job is not None]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)
@@ -126,18 +151,35 @@ class ScoringPool:
                 if w.conn in ready:
                     try:
                         out = w.conn.recv()
-                    except EOFError:  # the scorer killed its own process
-                        out = [RewardResult(0.0, "error", f"scoring process died (exit {w.proc.poll()})")] * len(w.job[0])
+                    except (EOFError, OSError):  # the process died: killed from outside, or by the reward
                         self._replace(i)
+                        if not w.job.retried:  # a kill from outside is not the reward's doing: once more
+                            w.job.retried = True
+                            pending.append(w.job)
+                            w.job = None
+                            continue
+                        out = [RewardResult(0.0, "error", f"scoring process died twice (exit {w.proc.returncode})")] \
+                            * len(w.job.indices)
                 elif time.monotonic() >= w.deadline:
-                    out = [RewardResult(0.0, "timeout", f"no result within {self.timeout_s}s per sample")] * len(w.job[0])
+                    out = [RewardResult(0.0, "timeout", f"no result within {self.timeout_s}s per sample")] \
+                        * len(w.job.indices)
                     self._replace(i)
                 else:
                     continue
-                for j, r in zip(w.job[0], out):  # `w` is the old worker even if it was replaced
+                for j, r in zip(w.job.indices, out):  # `w` is the old worker even if it was replaced
                     results[j] = r
                 w.job = None
         return results
+
+    def _send(self, i: int, job: _Job, reward: bytes) -> None:
+        """Give worker i the job; a worker found dead (killed while idle) is replaced first."""
+        try:
+            self._workers[i].conn.send((reward, job.inputs))
+        except OSError:  # BrokenPipeError, ConnectionResetError
+            self._replace(i)
+            self._workers[i].conn.send((reward, job.inputs))
+        w = self._workers[i]
+        w.job, w.deadline = job, time.monotonic() + self.timeout_s * len(job.indices)
 
     def _replace(self, i: int) -> None:
         self._workers[i].kill()

@@ -118,6 +118,8 @@ def child(req: dict, work: str, io_dir: str, ready_w: int) -> None:
     """Set up the limits, drop to the worker uid, tell the server, run the program. Never returns."""
     try:
         os.setsid()
+        # The scoring process blocks SIGINT and SIGTERM (rewards.pool); the program gets a judge's plain mask.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         for fd, name, flags in ((0, "in", os.O_RDONLY), (1, "out", os.O_WRONLY), (2, "err", os.O_WRONLY)):
             os.dup2(os.open(f"{io_dir}/{name}", flags), fd)
         os.dup2(ready_w, 3)

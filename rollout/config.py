@@ -24,6 +24,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def preset_config(name: str) -> dict:
+    """The MiniMaxConfig fields of preset `name`; ValueError naming the valid presets if there is none."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def m1_layer_types(num_layers: int, linear_per_full: int = 7) -> list[str]:
     """Seven linear layers then one full-attention layer, repeated (layer 0 is linear)."""
     period = linear_per_full + 1
@@ -53,6 +60,12 @@ class ModelConfig(Section):
                                 "own special tokens, e.g. BOS)")
     alphabet: str = Field(string.digits + string.ascii_letters + string.punctuation + " \n",
                           description="characters of the offline character-level tokenizer (fresh models only)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v):
+        preset_config(v)
+        return v
 
 
 class RolloutConfig(Section):

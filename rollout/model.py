@@ -16,7 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
-from rollout.config import PRESETS, m1_layer_types
+from rollout.config import m1_layer_types, preset_config
 
 
 def build_hybrid(preset: str, vocab_size: int, **overrides) -> MiniMaxForCausalLM:
@@ -24,9 +24,7 @@ def build_hybrid(preset: str, vocab_size: int, **overrides) -> MiniMaxForCausalL
 
     `layer_types` sets the layout; transformers silently ignores the older `attn_type_list`.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    kwargs = {**PRESETS[preset], **overrides}
+    kwargs = {**preset_config(preset), **overrides}
     kwargs.setdefault("layer_types", m1_layer_types(kwargs["num_hidden_layers"]))
     # `eager` experts: the default grouped_mm backend gave NaN grads when an expert got no tokens (DESIGN §9).
     config = MiniMaxConfig(vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)

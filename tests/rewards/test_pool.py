@@ -1,7 +1,7 @@
 import time
 
 from rewards.math import score, verify_boxed
-from rewards.pool import ScoringPool
+from rewards.pool import RewardResult, ScoringPool
 from rewards.types import RewardInput
 
 
@@ -40,3 +40,55 @@ def test_math_score_public_api():
     assert score("\\boxed{41}", "42") == 0.0
     assert score("no box here: 42", "42") == 0.0
     assert score("\\boxed{1,234}", "Natalia sold ... #### 1234") == 1.0
+
+
+def _blocked(status: str) -> int:
+    """The SigBlk mask from a /proc/PID/status text."""
+    return int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+
+
+def _program_mask(response: str, answer: str) -> float:
+    """The blocked-signal mask a sandboxed program starts with (run from inside a scoring process)."""
+    from rewards import sandbox
+
+    r = sandbox.run("print(open('/proc/self/status').read())", timeout_s=5.0, memory_mb=256)
+    return float(_blocked(r.stdout))
+
+
+def _scorers() -> list:
+    """The pool's scoring processes, as the OS sees them: this process's children serving rewards.pool."""
+    import psutil
+
+    return [p for p in psutil.Process().children() if "rewards.pool import _serve" in " ".join(p.cmdline())]
+
+
+def test_scorers_leave_group_signals_to_the_parent_and_dead_ones_are_replaced():
+    import signal
+    import threading
+
+    items = [sample(f"\\boxed{{{i}}}", str(i if i % 2 else i + 1)) for i in range(8)]
+    right = [float(i % 2 == 1) for i in range(8)]
+    with ScoringPool(num_workers=2, timeout_s=30.0) as pool:
+        assert [r.score for r in pool.map(verify_boxed, items)] == right
+        # What Ctrl-C, `timeout` or scancel do to every process of the group: the scorers stay up.
+        scorers = _scorers()
+        both = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+        assert all(_blocked(open(f"/proc/{p.pid}/status").read()) & both == both for p in scorers)
+        for p in scorers:
+            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(p.is_running() and p.status() != "zombie" for p in scorers)
+        assert [r.score for r in pool.map(verify_boxed, items)] == right and _scorers() == scorers
+        # A scorer killed while idle is replaced when it is next given work.
+        scorers[0].kill()
+        scorers[0].wait()
+        assert [(r.status, r.score) for r in pool.map(verify_boxed, items)] == [("ok", s) for s in right]
+        # Scorers killed in the middle of a sample: the sample is scored again on a fresh process.
+        busy = _scorers()
+        threading.Timer(0.5, lambda: [p.kill() for p in busy]).start()
+        slow = pool.map(_hang, [sample("1.5"), sample("1.5")])
+        assert [(r.status, r.score) for r in slow] == [("ok", 1.0), ("ok", 1.0)]
+        assert not set(_scorers()) & set(busy)
+        # The program a code reward runs gets a plain mask, as under a judge, not the scorer's.
+        assert pool.map(_program_mask, [sample("")])[0] == RewardResult(0.0, "ok")

@@ -1,0 +1,117 @@
+"""A signal to the whole process group, as Ctrl-C in a terminal, `timeout` and SLURM's scancel or preemption
+send it, ends a run with a checkpoint in every phase of a step, and resuming gives the rows of a run that
+was never stopped.
+
+Each run is a real `cispo train` in its own session with its own local Ray (the case that lost runs: the
+Ray head `ray.init` starts, and the scoring processes, are in the controller's process group). The phase
+a signal lands in is known from the console: every phase of an RL step announces itself as it starts
+("step 3: reward"), and the signal goes to the group as soon as that line is the newest step line.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cispo import checkpoint
+from cispo.metrics import read_metrics
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=20",
+        "sft.lr=3e-3", "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled",
+        "run.max_steps=5", "reward.num_workers=2"]
+
+
+class Run:
+    """`cispo train` as a session leader, so that its process group is its own and not the test's."""
+
+    def __init__(self, run_dir, *extra):
+        self.log = open(f"{run_dir}.{time.monotonic_ns()}.log", "w+")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the run
+        self.proc = subprocess.Popen([sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", *ARGS,
+                                      f"run.dir={run_dir}", *extra], cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_for_phase(self, phase: str, first_step: int, timeout_s: float = 600) -> int:
+        """The step at which `phase` is the newest step line on the console (at or after `first_step`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            lines = [line for line in self.output().splitlines() if line.startswith("step ")]
+            if lines and lines[-1].endswith(f": {phase}"):
+                step = int(lines[-1].split()[1].rstrip(":"))
+                if step >= first_step:
+                    return step
+            time.sleep(0.005)
+        raise AssertionError(f"no {phase} phase within {timeout_s}s:\n{self.output()}")
+
+    def finish(self, timeout_s: float = 600) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+    def session_processes(self) -> list[int]:
+        """Processes still in the run's session (the controller's children: Ray's, the scorers)."""
+        left = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and os.getsid(int(pid)) == self.proc.pid:
+                    left.append(int(pid))
+            except ProcessLookupError:
+                pass
+        return left
+
+
+def _comparable(rows):
+    return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("signals") / "whole"
+    with Run(run_dir) as run:
+        assert run.finish() == 0, run.output()
+    return read_metrics(run_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(sig, uninterrupted, tmp_path):
+    run_dir, step = tmp_path / "run", 1
+    for n, phase in enumerate(["rollout", "reward", "train"]):
+        with Run(run_dir, *(["run.resume=true"] if n else [])) as run:
+            step = run.wait_for_phase(phase, first_step=step + 1)  # step 2 on: one step is already logged
+            os.killpg(run.proc.pid, sig)
+            code, out = run.finish(), run.output()
+            deadline = time.monotonic() + 30
+            while run.session_processes() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = run.session_processes()
+        assert code == 128 + sig, out
+        # The controller took the signal during that step, finished the step, saved it, and nothing crashed.
+        assert out.index(f"step {step}: {phase}") < out.index(f"{sig.name}: finishing step") \
+            < out.index(f"step {step}/") < out.index(f"stopped by {sig.name} after step {step}"), out
+        assert not any(e in out for e in ("Traceback", "BrokenPipeError", "ConnectionResetError", "GCS")), out
+        assert checkpoint.latest(run_dir)[1]["step"] == step
+        assert not left, f"processes of the run left behind: {left}"  # the controller shut its children down
+    with (run_dir / "metrics.jsonl").open("a") as f:  # and a crash had torn the last row as it was written
+        f.write('{"step": %d, "reward_mean": 0.' % (step + 1))
+    with Run(run_dir, "run.resume=true") as final:
+        assert final.finish() == 0, final.output()
+        assert f"resumed from {run_dir / 'ckpt' / f'step-{step:06d}'} (step {step})" in final.output()
+        assert "dropped a torn last line" in final.output()
+    assert _comparable(read_metrics(run_dir)) == _comparable(uninterrupted)
