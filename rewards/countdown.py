@@ -112,17 +112,13 @@ def problem(numbers, target: int, rng: random.Random, ops: str) -> dict:
             "target": attempt(numbers, rng, ops)}
 
 
-def problems(ops: str, size: int = 3, high: int = 9, targets: range = range(-99, 1000)) -> list[tuple[tuple[int, ...], int]]:
-    """Every (numbers, target) problem with `size` numbers from 1..high, in order, and a target in
-    `targets` that a chain of them in that order reaches (`ops`, no parentheses): so every problem
-    is solvable, in the order the prompt lists the numbers."""
-    found = set()
-    for numbers in itertools.product(range(1, high + 1), repeat=size):
-        for chosen in itertools.product(ops, repeat=size - 1):
-            value = evaluate(_chain(numbers, chosen))[0]
-            if value in targets:
-                found.add((numbers, int(value)))
-    return sorted(found)
+def problems(ops: str, size: int = 3, high: int = 9) -> list[tuple[tuple[int, ...], int]]:
+    """Every (numbers, target) problem with `size` numbers from 1..high, in order, and a target that a
+    chain of them in that order reaches (`ops`, no parentheses): so every problem is solvable, in
+    the order the prompt lists the numbers."""
+    return sorted({(numbers, int(evaluate(_chain(numbers, chosen))[0]))
+                   for numbers in itertools.product(range(1, high + 1), repeat=size)
+                   for chosen in itertools.product(ops, repeat=size - 1)})
 
 
 def write(out_dir: str | Path, ops: str = "+-", held_out: int = 200, seed: int = 0) -> dict[str, float]:
