@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 .PHONY: setup run test
 setup: $(VENV)/.installed
 
-# torch first: the CPU wheel; deepspeed installed first would pull a ~3 GB CUDA torch (DESIGN §5).
+# torch first: the CPU wheel; deepspeed installed first would pull a ~3 GB CUDA torch (docs/notes.md#install).
 # bubblewrap (Debian) isolates the code sandbox; without it, as root, util-linux builds the same (mountns).
 $(VENV)/.installed: pyproject.toml
 	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \

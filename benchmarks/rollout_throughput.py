@@ -5,7 +5,7 @@ request's `max_new_tokens` is drawn log-normal and clipped to [32, 1024]; the mo
 so every sequence runs to its budget. HF is used as a user would: one batch of 64 rows
 (`num_return_sequences=8`) run to the longest budget, each row then truncated to its own budget.
 HF gets our fixed cache (`past_key_values=new_cache(model)`), which gives correct outputs for
-left-padded batches (DESIGN §5). Our engine runs as a worker runs it (`CispoEngine`: decode
+left-padded batches (docs/notes.md#model). Our engine runs as a worker runs it (`CispoEngine`: decode
 attention, fp32 head) on a copy of the same weights. Useful tokens are the budgets' sum, the same for both.
 
     python benchmarks/rollout_throughput.py [--repeats 3] [--threads 1]

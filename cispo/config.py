@@ -241,8 +241,8 @@ class StagesConfig(Section):
 
 
 class RoleResources(Section):
-    gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU only); a rollout worker shards the model "
-                        "over its GPUs")
+    gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU only; fractions share a GPU); a rollout "
+                        "worker puts its whole model on its first GPU (no sharding over several yet)")
     cpus: float = Field(1, ge=0, description="CPUs per actor")
     node_resource: str | None = Field(None, description="a Ray custom resource; the role's actors each take one "
                                       "unit, so they run only on nodes started with it (ray start --resources)")

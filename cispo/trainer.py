@@ -32,7 +32,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        # The client torch AdamW keeps M1's eps=1e-15 and avoids compiling fused_adam (DESIGN §5).
+        # The client torch AdamW keeps M1's eps=1e-15 and avoids compiling fused_adam (docs/notes.md#deepspeed).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -124,7 +124,7 @@ class Trainer:
             logprobs.append(logp.detach()[on].cpu())
             entropies.append(entropy[on].cpu())
         self.engine.step()
-        # ZeRO skips an update whose gradient norm is not finite; count it (DESIGN §9 saw NaN grads).
+        # ZeRO skips an update whose gradient norm is not finite; count it (docs/notes.md#failures).
         self.skipped_steps += not self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()  # None under ZeRO-0
         norm = float(norm) if norm is not None else float("nan")

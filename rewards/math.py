@@ -80,7 +80,7 @@ def gold_latex(answer: str) -> str:
 
 
 def _not_false_positive(gold, pred) -> bool:
-    """Re-check a match math-verify granted, against its known false positives (DESIGN §5)."""
+    """Re-check a match math-verify granted, against its known false positives (docs/notes.md#math-verify)."""
     import sympy
 
     if not (isinstance(gold, sympy.Basic) and isinstance(pred, sympy.Basic)):

@@ -1,6 +1,6 @@
 """Run untrusted programs: `run(program, stdin, *, timeout_s, memory_mb) -> SandboxResult`.
 
-Levels (DESIGN §6), strongest first; `isolation()` names the one in use, so the run's metrics can
+Levels (docs/notes.md#sandbox), strongest first; `isolation()` names the one in use, so the run's metrics can
 record it:
 
 - "bwrap":   bubblewrap with fresh pid, net, ipc and uts namespaces, a mount namespace whose new root
@@ -17,7 +17,7 @@ A level is used only after its probe passed on this machine: through the call ha
 imports stdlib modules the fork-server did not preload, and tries to read a host file and write
 outside its work dir where the level promises it cannot. An interpreter under a directory the
 program's uid cannot read (pyenv under /root) passes a probe that imports nothing, then fails every
-real program (DESIGN §11); a level whose probe fails is refused, never used.
+real program (docs/notes.md#sandbox); a level whose probe fails is refused, never used.
 
 Every level: rlimits (CPU time, address space, file size = output cap, open files, processes),
 a fresh working dir per run, a scrubbed environment, and every leftover process of the worker's uid
@@ -52,7 +52,7 @@ OUT_CAP = 4 << 20   # stdout bytes (also RLIMIT_FSIZE); a flood is killed by SIG
 ERR_CAP = 16 << 10  # the tail of stderr that comes back
 TMPFS_BYTES = 64 << 20  # the program's writable /tmp
 IO_TMPFS_BYTES = 3 * OUT_CAP + (64 << 20)  # stdout + stderr + stdin
-WALL_FACTOR = 4     # wall limit = 4 x CPU limit + 2 s: only for programs that sleep (DESIGN §6: judge CPU)
+WALL_FACTOR = 4     # wall limit = 4 x CPU limit + 2 s: only for programs that sleep (docs/notes.md#sandbox: judge CPU)
 STATE_DIR = Path(tempfile.gettempdir()) / "cispo-sandbox"
 SERVER_SRC = (Path(__file__).parent / "sandbox_server.py").read_text()
 # The server needs these to create each run's dir, switch uid and kill leftovers; programs get none.

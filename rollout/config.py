@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
 # MiniMaxConfig's; max_position_embeddings is spelled out (131,072 is its default) because plan reads it.
 PRESETS: dict[str, dict] = {
-    # 3.8M parameters: the CPU calibration model of DESIGN §9.
+    # 3.8M parameters: the CPU calibration model (docs/notes.md#tiny).
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
                  num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, block_size=64,
                  max_position_embeddings=131_072),

@@ -274,7 +274,7 @@ class CispoEngine:
         if getattr(self.model.config, "_experts_implementation", None) == "eager":
             # One grouped GEMM per projection instead of a Python loop over experts with a host sync
             # (nonzero) in each MoE layer: 12% faster on the CPU benchmark, same tokens and logprobs.
-            # Training keeps eager experts (grouped_mm's backward gave NaN, DESIGN §9); this is inference.
+            # Training keeps eager experts (grouped_mm's backward gave NaN, docs/notes.md#model); this is inference.
             self.model.config._experts_implementation = "grouped_mm"
         if self.model.lm_head.weight.is_cuda and self.model.config.model_type == "minimax":
             try:

@@ -1,7 +1,7 @@
 """The hybrid model: M1's lightning-attention MoE layout on transformers' MiniMaxForCausalLM.
 
 Also owns the two model fixes both generation and training need: a cache that reports the true
-sequence length when layer 0 is linear (DESIGN §5), and the fp32 LM head (M1 §3.2).
+sequence length when layer 0 is linear (docs/notes.md#model), and the fp32 LM head (M1 §3.2).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def build_hybrid(preset: str, vocab_size: int, **overrides) -> MiniMaxForCausalL
     """
     kwargs = {**preset_config(preset), **overrides}
     kwargs.setdefault("layer_types", m1_layer_types(kwargs["num_hidden_layers"]))
-    # `eager` experts: the default grouped_mm backend gave NaN grads when an expert got no tokens (DESIGN §9).
+    # `eager` experts: the default grouped_mm backend gave NaN grads when an expert got no tokens (docs/notes.md#model).
     config = MiniMaxConfig(vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)
     config._experts_implementation = "eager"
     model = MiniMaxForCausalLM(config)
@@ -79,7 +79,7 @@ class HybridCache(MiniMaxCache):
 
     It measures length on the first softmax layer: upstream MiniMaxCache reads layer 0, which is a
     linear layer in M1's layout and never stores keys, so it reports 0 and breaks padded cached
-    decoding and chunked prefill (DESIGN §5). Being a MiniMaxCache (a DynamicCache) it is accepted by
+    decoding and chunked prefill (docs/notes.md#model). Being a MiniMaxCache (a DynamicCache) it is accepted by
     MiniMax models and by dense ones (Llama, Qwen2), which then simply have no linear states.
     Rows are sequences: `select` drops finished ones, `extend` appends newly prefilled ones. Linear
     layers hold one [heads, d, d] state per row; softmax layers hold left-padded KV of one length.

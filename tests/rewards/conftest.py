@@ -1,7 +1,7 @@
 """The outer cap every attack test runs under: a sandbox bug must not be able to take the host down.
 
 A fork bomb that got past a half-built sandbox once filled this machine's process table within
-seconds (DESIGN §6). So the test process moves itself into a fresh pids cgroup (and a memory
+seconds (docs/notes.md#sandbox). So the test process moves itself into a fresh pids cgroup (and a memory
 cgroup) before any attack runs, checks that the cap really stops a harmless forking program, and
 only then lets the attacks start. Everything the tests spawn, sandbox servers included, inherits it.
 """

@@ -39,7 +39,7 @@ def _padded_cached_decode(model, prompts, steps, cache):
 
 
 def test_cache_fix_left_padded_batch_matches_unpadded_singles():
-    """Regression (DESIGN §5): with layer 0 linear, upstream MiniMaxCache reports length 0."""
+    """Regression (docs/notes.md#model): with layer 0 linear, upstream MiniMaxCache reports length 0."""
     torch.manual_seed(0)
     model = build_hybrid("tiny", 32).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [7, 8], [9, 10, 11, 12]]
