@@ -36,14 +36,14 @@ def test_the_tiny_recipe_learns(ray_session, tmp_path):
 
     24 steps of 8 prompts cannot show this: which prompts a step draws moves its mean reward more than
     learning does (1-digit sums: flat at 0.27-0.30 over 24 steps, seeds 0 and 1, at lr 3e-5 and 1e-4).
-    Over 150 steps it is clear: 0.445 -> 0.885, 0.470 -> 0.830, 0.460 -> 0.815 for seeds 0-2."""
+    Over 150 steps it is clear: held-out accuracy 0.445 -> 0.885, 0.470 -> 0.830, 0.460 -> 0.815 for seeds 0-2."""
     run_dir = tmp_path / "run"
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["wandb.mode=disabled", "run.threads=1", f"run.dir={run_dir}"])
     summary = train(recipe)
     rows = read_metrics(run_dir)
     mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
     assert summary["eval_accuracy_end"] >= summary["eval_accuracy_start"] + 0.15, summary
-    assert mean(rows[-30:]) >= mean(rows[:30]) + 0.1, (mean(rows[:30]), mean(rows[-30:]))
+    assert mean(rows[-30:]) >= mean(rows[:30]) + 0.05, (mean(rows[:30]), mean(rows[-30:]))  # 0.43 -> 0.57 at seed 0
 
 
 def test_short_run_writes_its_records(short_run):
