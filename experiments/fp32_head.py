@@ -135,22 +135,27 @@ def measure(model_dir: str | Path, requests: list[Request], body_dtype: torch.dt
 
 
 def plot(logprobs: dict, stats: dict, out: Path, title: str, body_dtype: str) -> None:
-    """Two panels (one per head): trainer probability on x, rollout probability on y, the diagonal, r in the title."""
+    """Two panels (one per head): trainer probability on x, rollout probability on y, the diagonal, r in the title.
+    `logprobs` is `measure`'s result, `stats` each head's `agreement`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One square range over every panel's points: a random model's probabilities all sit near 1/vocab.
+    probs = torch.cat([x.exp() for lp in logprobs.values() for x in lp.values()])
+    pad = 0.02 * float(probs.max() - probs.min())
+    lim = (float(probs.min()) - pad, float(probs.max()) + pad)
     fig, axes = plt.subplots(1, len(logprobs), figsize=(5 * len(logprobs), 5), sharex=True, sharey=True)
     for ax, (name, lp) in zip(axes, logprobs.items()):
         ax.scatter(lp["trainer"].exp(), lp["rollout"].exp(), s=4, alpha=0.4)
-        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        ax.plot(lim, lim, color="grey", linewidth=0.8)
         s = stats[name]
         ax.set_title(f"{name.replace('_', ' ')}: Pearson r = {s['pearson_r']:.5f} ({s['tokens']} tokens)")
         ax.set_xlabel("trainer probability (fp32 forward, fp32 head)")
         ax.set_ylabel(f"rollout probability (engine, {body_dtype} weights)")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_xlim(*lim)
+        ax.set_ylim(*lim)
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
