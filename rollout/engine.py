@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from rollout.config import ENGINES, RolloutConfig
 from rollout.kernels import use_fla_lightning
-from rollout.model import HybridCache, fp32_logits, new_cache, use_decode_attention
+from rollout.model import HybridCache, head_logits, new_cache, use_decode_attention
 from rollout.sampling import sample, seed_key, uniforms
 
 
@@ -139,7 +139,8 @@ class _Batch:
         self.text_rows = [i for i, s in enumerate(self.samples) if s.params.stop_strings]
 
 
-def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_id: int, stops: int) -> _Batch:
+def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_id: int, stops: int,
+             head_dtype: torch.dtype) -> _Batch:
     """Prefill each prompt once, left-padded, then replicate its state for its samples."""
     device = model.lm_head.weight.device
     width = max(len(r.prompt_ids) for r in requests)
@@ -155,7 +156,7 @@ def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_i
     rows = torch.repeat_interleave(torch.arange(len(requests), device=device),
                                    torch.tensor([r.n for r in requests], device=device))
     cache.select(rows)
-    logits = fp32_logits(model, out.last_hidden_state[:, -1])
+    logits = head_logits(model, out.last_hidden_state[:, -1], head_dtype)
     flat = [s for group in samples for s in group]
     state = _Rows.of(flat, [requests[i].seed for i, g in enumerate(samples) for _ in g], stops, device)
     return _Batch(cache, mask[rows], mask[rows].sum(1), logits[rows], state, flat)
@@ -186,15 +187,15 @@ def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
 
 
 def decode_step(model, cache: HybridCache, mask: torch.Tensor, positions: torch.Tensor,
-                tokens: torch.Tensor) -> torch.Tensor:
-    """Feed each row one token; returns the next fp32-head logits [rows, vocab].
+                tokens: torch.Tensor, head_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Feed each row one token; returns the next logits [rows, vocab] (fp32, from a `head_dtype` head).
 
     `mask` [rows, cache length + 1] (0 marks left padding) already includes the new token;
     `positions` and `tokens` are [rows]. The cache advances by one position.
     """
     out = model.model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions.unsqueeze(1),
                       cache=cache, use_cache=True)
-    return fp32_logits(model, out.last_hidden_state[:, -1])
+    return head_logits(model, out.last_hidden_state[:, -1], head_dtype)
 
 
 def _step(batch: _Batch, decode) -> tuple[torch.Tensor, list[int]]:
@@ -227,14 +228,15 @@ def _admit(queue: deque, requests: list[Request], live: int, max_batch_rows: int
 
 @torch.no_grad()
 def generate(model, requests: list[Request], pad_id: int, weight_version: int = 0,
-             max_batch_rows: int = 256, decode=None) -> list[Completion]:
+             max_batch_rows: int = 256, decode=None, head_dtype: torch.dtype = torch.float32) -> list[Completion]:
     """Generate every request's n samples; returns completions in request order, then sample order.
 
     At most `max_batch_rows` sequences decode together (a request's samples are admitted together,
     since they share one prefill); queued requests join as rows finish. Sample s of a request with
     seed x draws its token at response position t from Philox(x; t, s) (rollout.sampling), so its
-    output does not depend on the batch. Raises ValueError if a request has stop strings and no
-    `decode` (token ids -> text) is given.
+    output does not depend on the batch. The LM head runs in fp32 (M1 §3.2); `head_dtype=torch.bfloat16`
+    is the pre-fix head, for experiments/fp32_head.py. Raises ValueError if a request has stop strings
+    and no `decode` (token ids -> text) is given.
     """
     if decode is None and any(r.params.stop_strings for r in requests):
         raise ValueError("stop_strings need generate(..., decode=tokenizer.decode)")
@@ -244,14 +246,15 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
     while queue or batch:
         joining = _admit(queue, requests, len(batch.samples) if batch else 0, max_batch_rows)
         if joining:
-            new = _prefill(model, [requests[q] for q in joining], [samples[q] for q in joining], pad_id, stops)
+            new = _prefill(model, [requests[q] for q in joining], [samples[q] for q in joining], pad_id, stops,
+                           head_dtype)
             batch = _join(batch, new)
         tokens, keep = _step(batch, decode)
         batch = _leave(batch, keep)
         if batch:
             batch.mask = F.pad(batch.mask, (0, 1), value=1)
             batch.logits = decode_step(model, batch.cache, batch.mask, batch.next_pos,
-                                       tokens[torch.tensor(keep, device=tokens.device)])
+                                       tokens[torch.tensor(keep, device=tokens.device)], head_dtype)
             batch.next_pos = batch.next_pos + 1
     return [Completion(s.q, s.s, s.tokens, s.logprobs, s.finish, weight_version) for group in samples for s in group]
 
@@ -264,13 +267,16 @@ class CispoEngine:
     `load_weights(state_dict, version)` and `close()`. This one switches the model to the decode
     attention kernel and MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2)
     whatever the body's dtype; on CUDA a
-    MiniMax model's lightning attention runs fla's kernels (rollout.kernels).
+    MiniMax model's lightning attention runs fla's kernels (rollout.kernels). `head_dtype=torch.bfloat16`
+    keeps the head in bf16 instead, as M1 had it before its fix; only experiments/fp32_head.py asks for it.
     """
 
-    def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None):
+    def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None,
+                 head_dtype: torch.dtype = torch.float32):
         self.model = model.eval()
         use_decode_attention(self.model)
-        self.model.lm_head.float()
+        self.head_dtype = head_dtype
+        self.model.lm_head.to(head_dtype)  # its weights then arrive from load_weights in this dtype too
         if getattr(self.model.config, "_experts_implementation", None) == "eager":
             # One grouped GEMM per projection instead of a Python loop over experts with a host sync
             # (nonzero) in each MoE layer: 12% faster on the CPU benchmark, same tokens and logprobs.
@@ -285,7 +291,7 @@ class CispoEngine:
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         return generate(self.model, requests, self.pad_id, self.version, self.config.max_batch_rows,
-                        decode=self._text if self.tokenizer is not None else None)
+                        decode=self._text if self.tokenizer is not None else None, head_dtype=self.head_dtype)
 
     def _text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

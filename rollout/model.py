@@ -175,6 +175,17 @@ def fp32_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden.float() @ model.lm_head.weight.float().t()
 
 
+def head_logits(model, hidden: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits [rows, vocab] as fp32 from the LM head computed in `dtype` (hidden [rows, H]).
+
+    fp32 is `fp32_logits`, what rollout and training use. bf16 is the head M1 had before its fix
+    (§3.2): operands and output rounded to bf16; only experiments/fp32_head.py asks for it.
+    """
+    if dtype == torch.float32:
+        return fp32_logits(model, hidden)
+    return (hidden.to(dtype) @ model.lm_head.weight.to(dtype).t()).float()
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Any HF causal-LM directory, in `dtype` on `device`; MiniMax models get eager experts like
     `build_hybrid` ones."""
