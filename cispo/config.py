@@ -379,7 +379,7 @@ def _explain(err: ValidationError, path: Path, overrides: dict[str, str]) -> Rec
         if close:  # keep the list index the recipe used: data.sources.1.wieght -> data.sources.1.weight
             close = [".".join(key.split(".")[:-1] + close[0].split(".")[-1:])]
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return RecipeError(f"{where}: unknown key '{key}'{hint}")
+        return RecipeError(f"{where}: unknown key '{key}' = {e.get('input')!r}{hint}")
     if e["type"] == "missing":
         return RecipeError(f"{where}: missing required key '{key}'")
     return RecipeError(f"{where}: key '{key}' = {e.get('input')!r}: {msg}")

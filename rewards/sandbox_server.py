@@ -167,9 +167,23 @@ def child(req: dict, work: str, io_dir: str, ready_w: int) -> None:
     os._exit(code & 0xFF)
 
 
+def clear_scratch() -> None:
+    """Remove what earlier programs left in and beside their work dir. At bwrap and mountns that dir is
+    the private /tmp, which lives as long as the server: a file left there would reach the next
+    program, and a /tmp filled to its cap would fail every later program that writes a file. Only
+    entries of the program's uid go; the Python installation may be bound under /tmp, read-only."""
+    for entry in os.scandir(os.path.dirname(WORK)):
+        if entry.stat(follow_symlinks=False).st_uid != UID:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
+
+
 def run(req: dict) -> dict:
     work, io_dir = WORK, IO
-    shutil.rmtree(work, ignore_errors=True)
+    clear_scratch()
     os.makedirs(io_dir, 0o700, exist_ok=True)
     os.mkdir(work, 0o700)
     if SWITCH_UID:

@@ -15,8 +15,9 @@ from cispo.metrics import read_metrics
 from rewards.math import score
 from tests.conftest import REPO
 
-# One-digit addition learns fast enough for a short warm start; the seed is fixed. The old logprobs are
-# recomputed by the trainer, so every step measures how far the rollout's logprobs are from the trainer's.
+# One-digit addition: a short warm start and 24 steps exercise every part (that RL learns is the slow test's
+# claim). The old logprobs are recomputed by the trainer, so every step measures how far the rollout's
+# logprobs are from the trainer's.
 SHORT = ["data.digits=1", "data.eval_size=20", "data.prompts_per_step=8", "sft.steps=60",
          "run.max_steps=24", "optim.lr=1e-4", "optim.warmup_steps=2", "wandb.mode=disabled", "run.threads=1",
          "algorithm.old_logprobs=recompute"]
@@ -29,13 +30,26 @@ def short_run(ray_session, tmp_path_factory):
     return recipe, run_dir, train(recipe)
 
 
-def test_short_run_raises_reward_and_writes_its_records(short_run):
+@pytest.mark.slow
+def test_the_tiny_recipe_learns(ray_session, tmp_path):
+    """The main tiny recipe as `make run` runs it (one thread): RL lifts held-out accuracy and reward.
+
+    24 steps of 8 prompts cannot show this: which prompts a step draws moves its mean reward more than
+    learning does (1-digit sums: flat at 0.27-0.30 over 24 steps, seeds 0 and 1, at lr 3e-5 and 1e-4).
+    Over 150 steps it is clear: 0.445 -> 0.885, 0.470 -> 0.830, 0.460 -> 0.815 for seeds 0-2."""
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["wandb.mode=disabled", "run.threads=1", f"run.dir={run_dir}"])
+    summary = train(recipe)
+    rows = read_metrics(run_dir)
+    mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
+    assert summary["eval_accuracy_end"] >= summary["eval_accuracy_start"] + 0.15, summary
+    assert mean(rows[-30:]) >= mean(rows[:30]) + 0.1, (mean(rows[:30]), mean(rows[-30:]))
+
+
+def test_short_run_writes_its_records(short_run):
     recipe, run_dir, summary = short_run
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
-    first, last = rows[:6], rows[-6:]
-    mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
-    assert mean(last) > mean(first), (mean(first), mean(last))
     for key in ["response_length_p99", "clip_fraction", "is_weight_mean", "is_weight_max", "entropy",
                 "grad_norm", "time_rollout_s", "time_reward_s", "time_train_s", "time_sync_s"]:
         assert all(key in r for r in rows), key

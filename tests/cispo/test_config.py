@@ -18,7 +18,7 @@ def test_recipe_loads_with_paper_defaults_and_overrides():
 def test_misspelled_key_names_it_and_suggests_the_right_one(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.read_text().replace("temperature:", "temprature:"))
-    with pytest.raises(RecipeError, match=r"unknown key 'rollout.temprature' \(did you mean 'rollout.temperature'\?\)"):
+    with pytest.raises(RecipeError, match=r"unknown key 'rollout.temprature' = 1.0 \(did you mean 'rollout.temperature'\?\)"):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="unknown key 'run.max_step'.*'run.max_steps'"):
         load_recipe(RECIPE, ["run.max_step=3"])

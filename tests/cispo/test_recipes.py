@@ -40,9 +40,9 @@ TINY = REPO / "recipes/tiny-arith.yaml"
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["algorithm.eps_hgih=2"], "unknown key 'algorithm.eps_hgih' (did you mean 'algorithm.eps_high'?)"),
+    (["algorithm.eps_hgih=2"], "unknown key 'algorithm.eps_hgih' = 2 (did you mean 'algorithm.eps_high'?)"),
     (["data.sources=[{name: a, format: arith, wieght: 2}]"],
-     "unknown key 'data.sources.0.wieght' (did you mean 'data.sources.0.weight'?)"),
+     "unknown key 'data.sources.0.wieght' = 2 (did you mean 'data.sources.0.weight'?)"),
     (["rollout.n_samples=lots"], "key 'rollout.n_samples' = 'lots': Input should be a valid integer"),
     (["algorithm.name=ppo2"], "key 'algorithm.name' = 'ppo2': unknown loss 'ppo2'; valid: cispo, cispo_masked,"),
     (["data.source=csv"], "key 'data.source' = 'csv': unknown data format 'csv'; valid: arith, jsonl,"),

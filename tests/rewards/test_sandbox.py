@@ -139,6 +139,28 @@ def test_a_timeout_is_retried_alone_and_then_stands():
     assert time.monotonic() - start < 2 * (sandbox.WALL_FACTOR * LIMITS["timeout_s"] + 2)
 
 
+@pytest.mark.parametrize("level", NAMESPACE_LEVELS)
+def test_files_a_program_leaves_outside_its_work_dir_do_not_reach_the_next_program(level):
+    """The private /tmp lives as long as a fork-server: one program filling it (16 files at the 4 MiB
+    file cap) once made every later program there that writes a file fail, a right answer scoring 0."""
+    force(level)
+    try:
+        left = sandbox.run("open('/tmp/note', 'w').write('from the last program')\nn = 0\ntry:\n"
+                           "    while True:\n        f = open(f'/tmp/fill{n}', 'wb')\n        n += 1\n"
+                           "        for _ in range(4):\n            f.write(b'0' * 2**20)\n        f.close()\n"
+                           "except OSError as e:\n    print(n, e)", **LIMITS)
+        assert "No space left" in left.stdout
+        writes = "open('scratch', 'wb').write(b'0' * 2**20)\nimport os\nprint(42, sorted(os.listdir('/tmp')))"
+        for _ in range(3):  # one server, reused: the runs after the one that filled /tmp
+            r = sandbox.run(writes, **LIMITS)
+            assert r.status == "ok", r.stderr
+            shown = eval(r.stdout.split(" ", 1)[1])
+            assert "work" in shown and "note" not in shown and not any(n.startswith("fill") for n in shown)
+        assert code.score(writes.replace(", sorted(os.listdir('/tmp'))", ""), STDIO_42) == 1.0
+    finally:
+        unforce()
+
+
 # ---- attacks: each under the outer cap, each ending with the host unharmed and a score of 0 ----
 
 @pytest.fixture(scope="module", params=NAMESPACE_LEVELS)

@@ -79,3 +79,11 @@ def hangs(response, answer):
 def suicide(response, answer):
     import os
     os._exit(3)
+
+
+def trl_weighted_length(completions, difficulty, **kwargs):  # TRL's docs' shape, a column that differs per row
+    return [d * len(c) / 10 for c, d in zip(completions, difficulty)]
+
+
+def nan_on_odd_length(prompt, completion_ids):  # NaN for a known subset of samples: the count must reach the metrics
+    return math.nan if (len(prompt) + len(completion_ids)) % 2 else 1.0
