@@ -65,8 +65,8 @@ def train(recipe: Recipe) -> dict:
                 stats["ppo_zeroed_tokens"] = top_tokens(stats["ppo_zeroed_tokens"], tok)
                 with timer("sync"):
                     trainers.publish(rollout, version=step)                             # 6. sync
-            evaluated = {}  # held-out accuracy of the weights just published, on the eval steps and the last
-            if not stop.requested and (step == recipe.run.max_steps or recipe.run.eval_every and step % recipe.run.eval_every == 0):
+            evaluated, every = {}, recipe.run.eval_every  # held-out accuracy of the weights just published
+            if not stop.requested and (step == recipe.run.max_steps or every and step % every == 0):
                 with timer("eval"):
                     evaluated["eval_accuracy"] = collector.evaluate(source.eval)
             rows.append(log.log({"step": step, "window": window, "stage_reason": reason,  # 7. record

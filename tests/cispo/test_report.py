@@ -102,13 +102,14 @@ def test_metrics_rows_carry_eval_accuracy_and_the_fork_tokens(runs):
     for row in rows:
         assert all(isinstance(i, int) and isinstance(text, str) and n > 0 for i, text, n in row["ppo_zeroed_tokens"])
         assert bool(row["ppo_zeroed_tokens"]) == (row["ppo_zeroed_fraction"] > 0)
-    assert any(r["ppo_zeroed_fraction"] > 0 for r in rows), "DAPO's clip never bound; the fork-token check ran on nothing"
+    assert any(r["ppo_zeroed_fraction"] > 0 for r in rows), "DAPO's clip never bound: the check ran on nothing"
 
 
 @pytest.mark.slow
 def test_seeds_form_one_configuration_drawn_as_mean_and_band(runs):
     cispo, dapo = group_runs([runs["cispo-0"], runs["dapo-0"], runs["cispo-1"]])
-    assert [r.dir for r in cispo.runs] == [runs["cispo-0"], runs["cispo-1"]] and [r.dir for r in dapo.runs] == [runs["dapo-0"]]
+    assert [r.dir for r in cispo.runs] == [runs["cispo-0"], runs["cispo-1"]]
+    assert [r.dir for r in dapo.runs] == [runs["dapo-0"]]
     steps, mean, low, high = cispo.curve("reward_mean")
     per_seed = [[r["reward_mean"] for r in read_metrics(runs[n])] for n in ("cispo-0", "cispo-1")]
     assert steps == [1, 2, 3, 4]
