@@ -1,4 +1,5 @@
-"""`cispo train|eval|plan|filter RECIPE [key=value ...]`, `cispo report RUN_DIR`, `cispo export RUN_DIR OUT_DIR`."""
+"""`cispo train|eval|plan|filter RECIPE [key=value ...]`, `cispo report RUN_DIR [RUN_DIR ...]`,
+`cispo export RUN_DIR OUT_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -7,31 +8,6 @@ import signal
 import sys
 
 from cispo.config import RecipeError, load_recipe
-
-
-def _report(run_dir: str) -> None:
-    """Plot the run's reward, length, clip fraction and IS-weight max to RUN_DIR/report.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cispo.metrics import read_metrics
-
-    rows = read_metrics(run_dir)
-    panels = [("reward_mean", "mean reward"), ("response_length_p99", "response length p99"),
-              ("clip_fraction", "clip fraction"), ("is_weight_max", "IS weight max"),
-              ("entropy", "entropy"), ("time_step_s", "seconds per step")]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    steps = [r["step"] for r in rows]
-    for ax, (key, title) in zip(axes.flat, panels):
-        ax.plot(steps, [r.get(key) for r in rows])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    out = f"{run_dir}/report.png"
-    fig.savefig(out, dpi=100)
-    print(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("overrides", nargs="*", help="model=RUN_DIR|HF_DIR (default: the recipe's run.dir), "
                           "then dotted key=value, e.g. eval.n_samples=8 eval.k=4")
     evaluate.add_argument("--out", help="result JSON (default: eval.json in the run dir, or here for an HF dir)")
-    report = sub.add_parser("report", help="plot a run's metrics to RUN_DIR/report.png")
-    report.add_argument("run_dir")
+    report = sub.add_parser("report", help="plot runs' metrics against step (seeds of one configuration as a band) "
+                            "to report.png and print a table of them, also written to report.md")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="output dir (default: RUN_DIR for one run, the runs' common parent dir for several)")
     export = sub.add_parser("export", help="write a checkpoint as an HF save_pretrained directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -80,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.recipe} ({', '.join(f'{k} {v:.4f}' for k, v in result['per_source'].items())}); "
                   f"model {result['model']}; wrote {result['out']}")
         elif args.command == "report":
-            _report(args.run_dir)
+            from cispo.report import report as write_report
+
+            result = write_report(args.run_dirs, args.out)
+            print(result.text, end="")
+            print(f"wrote {result.figure} and {result.table}")
         elif args.command == "export":
             from cispo.export import export as export_checkpoint
 

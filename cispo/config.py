@@ -413,8 +413,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+ORIGIN_COMMENT = "# resolved from "  # the first line of a saved recipe, naming the file it was loaded from
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    """The resolved recipe as YAML, headed by a comment naming its recipe file (see `saved_origin`)."""
+    header = f"{ORIGIN_COMMENT}{recipe._origin}\n" if recipe._origin else ""
+    Path(path).write_text(header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def saved_origin(path: str | Path) -> Path | None:
+    """The recipe file a recipe saved by `dump_recipe` was loaded from (None if it was built in code), so
+    that a run's config.yaml can be named by its recipe, e.g. in `cispo report`'s legend."""
+    first = Path(path).read_text().partition("\n")[0]
+    return Path(first.removeprefix(ORIGIN_COMMENT)) if first.startswith(ORIGIN_COMMENT) else None
 
 
 def recipe_keys() -> str:

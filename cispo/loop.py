@@ -15,7 +15,7 @@ from cispo.batching import rl_batch
 from cispo.collect import rollout_metrics, running_collector
 from cispo.config import Recipe
 from cispo.data import PromptSource
-from cispo.metrics import MetricsLog, Timer, read_metrics, time_medians
+from cispo.metrics import MetricsLog, Timer, read_metrics, time_medians, top_tokens
 from cispo.run import RunDir, StopRequest
 from cispo.stages import advance
 from cispo.trainer import TrainerGroup
@@ -62,20 +62,24 @@ def train(recipe: Recipe) -> dict:
                 batch = rl_batch(groups, recipe.algorithm, window, tok.eos_token_id)    # 4. advantages
                 with timer("train"):
                     stats = trainers.train(batch, step)                                 # 5. train
+                stats["ppo_zeroed_tokens"] = top_tokens(stats["ppo_zeroed_tokens"], tok)
                 with timer("sync"):
                     trainers.publish(rollout, version=step)                             # 6. sync
+            evaluated, every = {}, recipe.run.eval_every  # held-out accuracy of the weights just published
+            if not stop.requested and (step == recipe.run.max_steps or every and step % every == 0):
+                with timer("eval"):
+                    evaluated["eval_accuracy"] = collector.evaluate(source.eval)
             rows.append(log.log({"step": step, "window": window, "stage_reason": reason,  # 7. record
-                                 **rollout_metrics(first), **sampling, **stats,
+                                 **rollout_metrics(first), **sampling, **stats, **evaluated,
                                  "rollout_worker_failures": rollout.failures, **timer.seconds()}))
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
                 run.save(trainers, step, acc_start)
             if stop.requested:
                 print(f"stopped by {stop.requested} after step {step}; resume with run.resume=true", flush=True)
                 return {"interrupted": stop.requested, "steps": step}
-            if recipe.run.eval_every and step % recipe.run.eval_every == 0 and step != recipe.run.max_steps:
-                print(f"eval accuracy at step {step}: {collector.evaluate(source.eval):.3f}", flush=True)
 
-        acc_end = collector.evaluate(source.eval)
+        # Measured in the last step's row, unless that step was logged before a stop and resumed.
+        acc_end = rows[-1]["eval_accuracy"] if rows and "eval_accuracy" in rows[-1] else collector.evaluate(source.eval)
         summary = {"eval_accuracy_start": acc_start, "eval_accuracy_end": acc_end, "steps": recipe.run.max_steps,
                    "wall_s": time.perf_counter() - t0, **time_medians(rows)}
         run.finish(trainers, tok, summary)

@@ -10,6 +10,7 @@ loss names against these registries without loading torch.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from cispo.registry import Registry
@@ -156,12 +157,13 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps
 
 
 def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high: float,
-                 eps_low: float | None = None) -> dict[str, float]:
-    """Per-update health figures over response tokens (no gradient).
+                 eps_low: float | None = None, token_ids=None) -> dict:
+    """Per-update health figures over response tokens (no gradient), floats but for the one Counter.
 
     ppo_zeroed_fraction is the share of tokens Eq. 7's mask zeroes at this ε: the high-ratio "fork"
-    tokens PPO-clip would drop and CISPO keeps. approx_kl is k3 = (r − 1) − log r, an unbiased
-    estimate of KL(π_old ‖ π_θ) from tokens sampled by π_old.
+    tokens PPO-clip would drop and CISPO keeps. With `token_ids` [B, T] (the target token of each
+    position), ppo_zeroed_tokens counts those tokens by id, to show which tokens they are. approx_kl
+    is k3 = (r − 1) − log r, an unbiased estimate of KL(π_old ‖ π_θ) from tokens sampled by π_old.
     """
     on = mask.bool()
     if not on.any():  # a minibatch of fully masked responses (e.g. overlong "mask") has nothing to report
@@ -169,7 +171,7 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
     ratio, clipped = clipped_is_weight(logprobs.detach(), old_logprobs, eps_high=eps_high, eps_low=eps_low)
     r = ratio[on]
     zeroed = 1 - ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)[on]
-    return {
+    figures = {
         "clip_fraction": float((clipped[on] != r).float().mean()),
         "ppo_zeroed_fraction": float(zeroed.mean()),
         "is_weight_mean": float(r.mean()),
@@ -177,3 +179,6 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
         "entropy": float(entropy.detach()[on].mean()),
         "approx_kl": float(((r - 1) - r.log()).mean()),
     }
+    if token_ids is not None:
+        figures["ppo_zeroed_tokens"] = Counter(token_ids[on][zeroed.bool()].tolist())
+    return figures

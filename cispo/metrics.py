@@ -15,7 +15,7 @@ from cispo.config import Recipe, RecipeError
 # What the progress line shows, in order: (metric, label, format).
 _CONSOLE = [("reward_mean", "reward", ".3f"), ("response_length_mean", "len", ".1f"),
             ("clip_fraction", "clip", ".3f"), ("is_weight_max", "r_max", ".2f"), ("entropy", "H", ".3f"),
-            ("grad_norm", "|g|", ".3f"), ("time_step_s", "s", ".2f")]
+            ("grad_norm", "|g|", ".3f"), ("eval_accuracy", "eval", ".3f"), ("time_step_s", "s", ".2f")]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -30,7 +30,8 @@ class Timer:
 
     def __init__(self, label: str | None = None):
         self.label = label
-        self.start, self.spent = time.perf_counter(), {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+        self.start = time.perf_counter()
+        self.spent = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0, "eval": 0.0}
 
     @contextmanager
     def __call__(self, phase: str):
@@ -42,6 +43,12 @@ class Timer:
 
     def seconds(self) -> dict:
         return {**{f"time_{k}_s": v for k, v in self.spent.items()}, "time_step_s": time.perf_counter() - self.start}
+
+
+def top_tokens(counts: dict[int, int], tok, k: int = 10) -> list[list]:
+    """The `k` most counted token ids as [id, text, count] (text decoded with `tok`), most counted first,
+    so a metrics row can name the fork tokens without the tokenizer."""
+    return [[i, tok.decode([i]), n] for i, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:k]]
 
 
 class MetricsLog:

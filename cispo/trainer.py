@@ -157,9 +157,11 @@ class Trainer:
             on = [mb.loss_mask.bool() for mb in micro_batches]
             old = torch.cat([mb.old_logprobs[m] for mb, m in zip(micro_batches, on)])
             adv = torch.cat([mb.advantages.unsqueeze(1).expand_as(m)[m] for mb, m in zip(micro_batches, on)])
-            on_token.append((out["logprobs"], old, adv, out["entropy"]))
-        logp, old, adv, entropy = (torch.cat(column).unsqueeze(0) for column in zip(*on_token))
-        figures = loss_metrics(logp, old, adv, torch.ones_like(logp), entropy, eps_high=a.eps_high, eps_low=a.eps_low)
+            ids = torch.cat([mb.input_ids[:, 1:][m] for mb, m in zip(micro_batches, on)])
+            on_token.append((out["logprobs"], old, adv, out["entropy"], ids))
+        logp, old, adv, entropy, ids = (torch.cat(column).unsqueeze(0) for column in zip(*on_token))
+        figures = loss_metrics(logp, old, adv, torch.ones_like(logp), entropy, eps_high=a.eps_high, eps_low=a.eps_low,
+                               token_ids=ids)
         return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **figures, **gap,
                 "tokens": logp.numel(), "skipped_steps": self.skipped_steps, "lr": self.optimizer.param_groups[0]["lr"]}
 
@@ -305,10 +307,12 @@ class TrainerGroup:
 
 def merge_rank_figures(stats: list[dict]) -> dict:
     """One metrics row from every rank's `train_batch` figures. Losses are shares of one sum; grad norm,
-    skips and lr are the same on every rank; the rest are token means, weighted by each rank's tokens
-    (absent on a rank whose responses were all masked)."""
+    skips and lr are the same on every rank; the counts of fork tokens by id (`ppo_zeroed_tokens`) add
+    up; the rest are token means, weighted by each rank's tokens (absent on a rank whose responses were
+    all masked)."""
     stats = [dict(s) for s in stats]
-    out = {"loss": sum(s.pop("loss") for s in stats), **{k: stats[0].pop(k) for k in ("grad_norm", "skipped_steps", "lr")}}
+    out = {"loss": sum(s.pop("loss") for s in stats), **{k: stats[0].pop(k) for k in ("grad_norm", "skipped_steps", "lr")},
+           "ppo_zeroed_tokens": sum((s.pop("ppo_zeroed_tokens", Counter()) for s in stats), Counter())}
     tokens = [s.pop("tokens") for s in stats]
     if any("is_weight_max" in s for s in stats):
         out["is_weight_max"] = max(s.pop("is_weight_max") for s in stats if "is_weight_max" in s)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from cispo.config import RecipeError, load_recipe
+from cispo.config import Recipe, RecipeError, dump_recipe, load_recipe, saved_origin
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny-arith.yaml"
@@ -60,3 +60,12 @@ def test_recipe_key_reference_is_generated_from_the_config():
     assert "| `algorithm.name` | `'cispo'` |" in text and "Choices: cispo, cispo_masked, grpo, dapo, ppo." in text
     assert (REPO / "docs/recipe-keys.md").read_text() == text, \
         "docs/recipe-keys.md is stale: python -m cispo.config > docs/recipe-keys.md"
+
+
+def test_saved_recipe_loads_back_and_names_its_recipe_file(tmp_path):
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["run.seed=3"])
+    dump_recipe(recipe, tmp_path / "config.yaml")
+    assert load_recipe(tmp_path / "config.yaml").model_dump() == recipe.model_dump()
+    assert saved_origin(tmp_path / "config.yaml") == REPO / "recipes/tiny-arith.yaml"
+    dump_recipe(Recipe.model_validate({"algorithm": {"eps_high": 4.0}}), tmp_path / "built.yaml")
+    assert saved_origin(tmp_path / "built.yaml") is None

@@ -156,7 +156,9 @@ def test_loss_metrics_count_the_fork_tokens_cispo_keeps():
     m = loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=0.28)
     assert m["ppo_zeroed_fraction"] == pytest.approx(1 / 3)  # r = 2 with A > 0; r = 3 is padding
     assert m["clip_fraction"] == pytest.approx(1 / 3) and m["is_weight_max"] == pytest.approx(2.0)
-    assert m["approx_kl"] > 0 and m["entropy"] == 1.0
+    assert m["approx_kl"] > 0 and m["entropy"] == 1.0 and "ppo_zeroed_tokens" not in m
+    ids = torch.tensor([[7, 8, 9, 8]])  # the token at r = 3 is padding, so only one 8 counts
+    assert loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=0.28, token_ids=ids)["ppo_zeroed_tokens"] == {8: 1}
     assert loss_metrics(logp, old, adv, torch.zeros(1, 4), torch.ones(1, 4), eps_high=0.28) == {}
     _, clipped = clipped_is_weight(logp, old, eps_high=0.28)
     assert clipped.max().item() == pytest.approx(1.28)

@@ -6,15 +6,16 @@ import sys
 import pytest
 
 from cispo.cli import main
-from cispo.config import RecipeError, load_recipe
+from cispo.config import RecipeError, dump_recipe, load_recipe
 from cispo.metrics import MetricsLog, read_metrics
 from tests.conftest import REPO
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A run dir whose metrics.jsonl holds steps 1-3, written by MetricsLog as a run writes them."""
+    """A run dir whose config.yaml and metrics.jsonl (steps 1-3) are written as a run writes them."""
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["wandb.mode=disabled", "run.max_steps=3"])
+    dump_recipe(recipe, tmp_path / "config.yaml")
     log = MetricsLog(tmp_path, recipe, {"data_rows_skipped": 0})
     for step in (1, 2, 3):
         log.log({"step": step, "reward_mean": step / 10, "time_step_s": 1.0})

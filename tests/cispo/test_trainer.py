@@ -1,12 +1,14 @@
 """Real DeepSpeed engines (gloo) inside Ray actors: SFT, weight publishing, and the same CISPO updates
 on 1 or 2 ranks, ZeRO-2 or ZeRO-3, one or many micro-batches."""
+from collections import Counter
+
 import pytest
 import torch
 
 from cispo.batching import TrainBatch, pad_rows
 from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
-from cispo.trainer import TrainerGroup
+from cispo.trainer import TrainerGroup, merge_rank_figures
 from rollout.config import RolloutConfig
 from rollout.engine import Request, SamplingParams, generate
 from rollout.model import load_model, token_logprobs
@@ -135,3 +137,14 @@ def test_a_misspelled_deepspeed_key_is_named_and_frees_the_ranks(ray_session, ti
     table = ray_session.util.placement_group_table()
     ours = [g for key, g in table.items() if key not in before]
     assert len(ours) == 1 and ours[0]["state"] == "REMOVED"
+
+
+def test_rank_figures_merge_into_one_row():
+    """Token means weigh each rank by its tokens, the IS-weight max is the ranks' max, fork-token counts
+    add up, and a rank whose responses were all masked (no figures) counts for nothing."""
+    shared = {"grad_norm": 0.5, "skipped_steps": 0, "lr": 1e-3}
+    ranks = [{"loss": 0.25, **shared, "tokens": 3, "entropy": 1.0, "is_weight_max": 2.0, "ppo_zeroed_tokens": Counter({5: 2})},
+             {"loss": 0.5, **shared, "tokens": 1, "entropy": 3.0, "is_weight_max": 4.0, "ppo_zeroed_tokens": Counter({5: 1, 6: 1})},
+             {"loss": 0.0, **shared, "tokens": 0}]
+    row = merge_rank_figures(ranks)
+    assert row == {"loss": 0.75, **shared, "ppo_zeroed_tokens": {5: 3, 6: 1}, "is_weight_max": 4.0, "entropy": 1.5}
