@@ -4,6 +4,7 @@ import pytest
 
 from rewards import countdown
 from rewards.registry import resolve
+from rewards.types import RewardInput
 
 GOLD = json.dumps({"numbers": [3, 5, 2], "target": 13})
 
@@ -83,4 +84,6 @@ def test_every_problem_is_solvable_in_the_order_given(ops):
 
 
 def test_recipes_name_it_as_module_function():
-    assert resolve("rewards.countdown:score") is countdown.score
+    reward = resolve("rewards.countdown:score")
+    inputs = [RewardInput(prompt="3,5,2:13=", response=r, answer=GOLD, source="countdown") for r in ("3*5-2", "3+5+2")]
+    assert reward.fn is countdown.score and reward(inputs) == [1.0, 0.0]
