@@ -156,12 +156,16 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps
                        normalization="group", group_index=group_index)
 
 
+PPO_REFERENCE_EPS = (0.2, 0.28)  # (ε_low, ε_high) of DAPO's clip-higher: where fork tokens are counted
+
+
 def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high: float,
                  eps_low: float | None = None, token_ids=None) -> dict:
     """Per-update health figures over response tokens (no gradient), floats but for the one Counter.
 
-    ppo_zeroed_fraction is the share of tokens Eq. 7's mask zeroes at this ε: the high-ratio "fork"
-    tokens PPO-clip would drop and CISPO keeps. With `token_ids` [B, T] (the target token of each
+    ppo_zeroed_fraction is the share of tokens Eq. 7's mask zeroes at DAPO's ε (ε_low 0.2, ε_high 0.28),
+    whatever ε the run's own loss uses: the high-ratio "fork" tokens PPO-clip would drop and CISPO keeps
+    (at CISPO's own cap of 1 + 4 the mask would almost never bind, hiding them). With `token_ids` [B, T] (the target token of each
     position), ppo_zeroed_tokens counts those tokens by id, to show which tokens they are. approx_kl
     is k3 = (r − 1) − log r, an unbiased estimate of KL(π_old ‖ π_θ) from tokens sampled by π_old.
     """
@@ -170,7 +174,7 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
         return {}
     ratio, clipped = clipped_is_weight(logprobs.detach(), old_logprobs, eps_high=eps_high, eps_low=eps_low)
     r = ratio[on]
-    zeroed = 1 - ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)[on]
+    zeroed = 1 - ppo_token_mask(ratio, advantages, eps_high=PPO_REFERENCE_EPS[1], eps_low=PPO_REFERENCE_EPS[0])[on]
     figures = {
         "clip_fraction": float((clipped[on] != r).float().mean()),
         "ppo_zeroed_fraction": float(zeroed.mean()),

@@ -160,6 +160,9 @@ def test_loss_metrics_count_the_fork_tokens_cispo_keeps():
     ids = torch.tensor([[7, 8, 9, 8]])  # the token at r = 3 is padding, so only one 8 counts
     assert loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=0.28, token_ids=ids)["ppo_zeroed_tokens"] == {8: 1}
     assert loss_metrics(logp, old, adv, torch.zeros(1, 4), torch.ones(1, 4), eps_high=0.28) == {}
+    # Counted at DAPO's ε whatever the run's own: CISPO's cap of 1 + 4 clips nothing here, yet r = 2 is a fork.
+    cispo = loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=4.0)
+    assert cispo["clip_fraction"] == 0 and cispo["ppo_zeroed_fraction"] == pytest.approx(1 / 3)
     _, clipped = clipped_is_weight(logp, old, eps_high=0.28)
     assert clipped.max().item() == pytest.approx(1.28)
 
