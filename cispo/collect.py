@@ -47,8 +47,9 @@ class Group:
 
 
 def passed(group: Group) -> list[bool]:
-    """A pass is a full score: every test for code, a correct answer for math."""
-    return [float(r) >= 1.0 and s == "ok" for r, s in zip(group.rewards, group.statuses)]
+    """Pass or fail for each response whose reward could be computed (status ok); a pass is a full score:
+    every test for code, a correct answer for math. A response that errored or timed out is neither."""
+    return [float(r) >= 1.0 for r, s in zip(group.rewards, group.statuses) if s == "ok"]
 
 
 def rollout_metrics(groups: list[Group]) -> dict:
@@ -79,6 +80,7 @@ class Collector:
     def __init__(self, recipe: Recipe, tok, rollout, scorer: ScoringPool):
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
         self.rewards = recipe.rewards()  # RecipeError naming the key for a reward that cannot load
+        self.unscored = 0  # responses pass_rates could not score (reward error, timeout, sandbox error)
 
     def sampling(self, temperature: float | None = None, max_new_tokens: int | None = None) -> SamplingParams:
         """The recipe's sampling parameters, at another temperature (0: greedy) or budget if given."""
@@ -141,14 +143,23 @@ class Collector:
 
     def pass_rates(self, prompts: list[Prompt], n: int = 1, k: int = 1, stream: str = "eval") -> list[float]:
         """Each prompt's pass@k (unbiased, from n samples at the rollout temperature; n = 1 is greedy), at
-        the full budget; request j is seeded from (run seed, stream, j)."""
+        the full budget; request j is seeded from (run seed, stream, j). A response whose reward could not
+        be computed is left out of its prompt's estimate, never counted as a failure, and added to
+        `self.unscored`; a prompt with fewer than k scored responses gets NaN."""
         params = self.sampling(temperature=0.0 if n == 1 else None)
         seeds = [derive_seed(self.recipe.run.seed, 0, stream, j) for j in range(len(prompts))]
-        return [pass_at_k(n, sum(passed(g)), k) for g in self.collect(prompts, seeds, params, n)]
+        rates = []
+        for group in self.collect(prompts, seeds, params, n):
+            scored = passed(group)
+            self.unscored += n - len(scored)
+            rates.append(pass_at_k(len(scored), sum(scored), k) if len(scored) >= k else math.nan)
+        return rates
 
     def evaluate(self, prompts: list[Prompt], n: int = 1, k: int = 1) -> float:
-        """Mean pass@k (greedy accuracy with n = 1) over `prompts`; NaN without prompts."""
-        return statistics.fmean(self.pass_rates(prompts, n, k)) if prompts else float("nan")
+        """Mean pass@k (greedy accuracy with n = 1) over the prompts that could be scored; NaN without any.
+        Unscored responses are counted in `self.unscored`."""
+        rates = [r for r in self.pass_rates(prompts, n, k) if not math.isnan(r)]
+        return statistics.fmean(rates) if rates else math.nan
 
 
 @contextmanager

@@ -69,6 +69,7 @@ def train(recipe: Recipe) -> dict:
             if not stop.requested and (step == recipe.run.max_steps or every and step % every == 0):
                 with timer("eval"):
                     evaluated["eval_accuracy"] = collector.evaluate(source.eval)
+                evaluated["eval_unscored"] = collector.unscored  # so far in this process: errors never count as fails
             rows.append(log.log({"step": step, "window": window, "stage_reason": reason,  # 7. record
                                  **rollout_metrics(first), **sampling, **stats, **evaluated,
                                  "rollout_worker_failures": rollout.failures, **timer.seconds()}))
@@ -81,6 +82,7 @@ def train(recipe: Recipe) -> dict:
         # Measured in the last step's row, unless that step was logged before a stop and resumed.
         acc_end = rows[-1]["eval_accuracy"] if rows and "eval_accuracy" in rows[-1] else collector.evaluate(source.eval)
         summary = {"eval_accuracy_start": acc_start, "eval_accuracy_end": acc_end, "steps": recipe.run.max_steps,
+                   "eval_unscored": collector.unscored,
                    "wall_s": time.perf_counter() - t0, **time_medians(rows)}
         run.finish(trainers, tok, summary)
     print(f"done: eval accuracy {acc_start:.3f} -> {acc_end:.3f} in {summary['wall_s']:.0f}s "
