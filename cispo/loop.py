@@ -64,18 +64,22 @@ def train(recipe: Recipe) -> dict:
                     stats = trainers.train(batch, step)                                 # 5. train
                 with timer("sync"):
                     trainers.publish(rollout, version=step)                             # 6. sync
+            seconds = timer.seconds()  # before the eval, which is not part of the step's time
+            # The eval's accuracy goes in the step's row, so steps-to-accuracy is read from metrics.jsonl.
+            due = step == recipe.run.max_steps or (recipe.run.eval_every and step % recipe.run.eval_every == 0)
+            accuracy = {"eval_accuracy": collector.evaluate(source.eval)} if due else {}
             rows.append(log.log({"step": step, "window": window, "stage_reason": reason,  # 7. record
-                                 **rollout_metrics(first), **sampling, **stats,
-                                 "rollout_worker_failures": rollout.failures, **timer.seconds()}))
+                                 **rollout_metrics(first), **sampling, **stats, **accuracy,
+                                 "rollout_worker_failures": rollout.failures, **seconds}))
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
                 run.save(trainers, step, acc_start)
             if stop.requested:
                 print(f"stopped by {stop.requested} after step {step}; resume with run.resume=true", flush=True)
                 return {"interrupted": stop.requested, "steps": step}
-            if recipe.run.eval_every and step % recipe.run.eval_every == 0 and step != recipe.run.max_steps:
-                print(f"eval accuracy at step {step}: {collector.evaluate(source.eval):.3f}", flush=True)
+            if accuracy and step != recipe.run.max_steps:
+                print(f"eval accuracy at step {step}: {accuracy['eval_accuracy']:.3f}", flush=True)
 
-        acc_end = collector.evaluate(source.eval)
+        acc_end = rows[-1]["eval_accuracy"] if rows else acc_start
         summary = {"eval_accuracy_start": acc_start, "eval_accuracy_end": acc_end, "steps": recipe.run.max_steps,
                    "wall_s": time.perf_counter() - t0, **time_medians(rows)}
         run.finish(trainers, tok, summary)
