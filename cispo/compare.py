@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -92,11 +92,11 @@ class Job:
     run_dir: Path
     overrides: list[str]
     after: Job | None = None
-    rc: int | None = None  # None: not run (yet); 0: finished (or found finished)
-    log: Path = field(init=False)
+    rc: int | None = None  # None: not run yet; 0: finished (or found finished); -1: skipped; else failed
 
-    def __post_init__(self):
-        self.log = self.run_dir / "train.log"
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "train.log"
 
     @property
     def finished(self) -> bool:
