@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/cispo train recipes/tiny-arith.yaml $(ARGS)
+	$(VENV)/bin/cispo train recipes/tiny-countdown.yaml $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)

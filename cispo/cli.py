@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     filt.add_argument("--n", type=int, default=10, help="samples per prompt")
     filt.add_argument("--low", type=float, default=0.0)
     filt.add_argument("--high", type=float, default=0.9)
+    comp = sub.add_parser("compare", help="run a comparison spec (recipes/compare/) and write its tables and figure")
+    comp.add_argument("spec")
+    comp.add_argument("--out", help="output dir (default: the spec's out)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -77,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
 
             counts = filter_by_pass_rate(load_recipe(args.recipe, args.overrides), args.out, args.n, args.low, args.high)
             print(json.dumps(counts))
+        elif args.command == "compare":
+            from cispo.compare import compare
+
+            try:
+                ok, _ = compare(args.spec, args.out)
+            except KeyboardInterrupt:
+                print("cispo compare: interrupted; run the same command again to resume", file=sys.stderr)
+                return 130
+            return 0 if ok else 1
     except RecipeError as err:
         print(f"cispo: error: {err}", file=sys.stderr)
         return 2

@@ -62,7 +62,7 @@ def train(recipe: Recipe) -> dict:
                 batch = rl_batch(groups, recipe.algorithm, window, tok.eos_token_id)    # 4. advantages
                 with timer("train"):
                     stats = trainers.train(batch, step)                                 # 5. train
-                stats["ppo_zeroed_tokens"] = top_tokens(stats["ppo_zeroed_tokens"], tok)
+                stats["ppo_zeroed_tokens"] = top_tokens(stats.get("ppo_zeroed_tokens", {}), tok)
                 with timer("sync"):
                     trainers.publish(rollout, version=step)                             # 6. sync
             evaluated, every = {}, recipe.run.eval_every  # held-out accuracy of the weights just published
