@@ -32,7 +32,7 @@ def short_run(ray_session, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_tiny_recipe_learns(ray_session, tmp_path):
-    """The main tiny recipe as `make run` runs it (one thread): RL lifts held-out accuracy and reward.
+    """The tiny-arith recipe (one thread): RL lifts held-out accuracy and reward.
 
     24 steps of 8 prompts cannot show this: which prompts a step draws moves its mean reward more than
     learning does (1-digit sums: flat at 0.27-0.30 over 24 steps, seeds 0 and 1, at lr 3e-5 and 1e-4).
