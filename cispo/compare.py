@@ -17,7 +17,6 @@ sensitive to its IS-weight cap than DAPO to its clip range.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import statistics
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cispo import checkpoint
 from cispo.config import RecipeError, load_recipe
-from cispo.metrics import read_metrics
+from cispo.report import Run
 
 
 class CompareSpec(BaseModel):
@@ -197,13 +196,10 @@ class RunResult:
 
 def read_run(run_dir: Path) -> RunResult:
     """A finished run's eval curve (step 0 from summary.json, then each evaluated step of metrics.jsonl),
-    wall time and mean clip fraction."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_metrics(run_dir)
-    clipped = [r["clip_fraction"] for r in rows if "clip_fraction" in r]
-    return RunResult([(0, summary["eval_accuracy_start"])] + [(r["step"], r["eval_accuracy"]) for r in rows
-                                                               if "eval_accuracy" in r],
-                     summary["wall_s"], statistics.mean(clipped) if clipped else 0.0)
+    wall time and mean clip fraction, read through cispo.report's Run."""
+    run = Run.load(run_dir)
+    clipped = [value for _, value in run.series("clip_fraction")]
+    return RunResult(run.series("eval_accuracy"), run.summary["wall_s"], statistics.mean(clipped) if clipped else 0.0)
 
 
 @dataclass
