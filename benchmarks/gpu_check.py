@@ -26,8 +26,7 @@ On the GPU test machine (../shared/gpu/README.md): fill .whl/ with fetch-wheels.
 .whl/ and a copy of ray_inprocess/, then run
 `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
 `PYTHONPATH=RAY_INPROCESS_COPY:/tmp/site:$PWD python3 benchmarks/gpu_check.py --recipe`.
-The stand-in has no `ray.get_gpu_ids`, which RolloutWorker reads: `--recipe` needs it added there
-(returning [0]); the other checks call no worker.
+The stand-in has no `ray.get_gpu_ids`; RolloutWorker then takes every visible GPU as its own.
 
 The model: hidden 1024, 8 layers in M1's 7:1 layout, 16 heads of 64 (2 KV heads), 8 experts top-2 of
 width 1024, a 32k vocabulary (--cpu: the "small" preset with a 4k vocabulary, shorter contexts).

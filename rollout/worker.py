@@ -28,8 +28,11 @@ class RolloutWorker:
     def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig):
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
         torch.set_num_threads(config.threads or os.cpu_count())
-        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours.
-        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours. The
+        # in-process stand-in for Ray on the GPU test machine (../shared/gpu) has no get_gpu_ids: there the
+        # one process holds every visible GPU.
+        gpu_ids = ray.get_gpu_ids() if hasattr(ray, "get_gpu_ids") else range(torch.cuda.device_count())
+        gpu = bool(gpu_ids) and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         dtype = torch.bfloat16 if config.dtype == "bf16" or (config.dtype == "auto" and gpu) else torch.float32
         model = load_model(model_dir, dtype=dtype, device=self.device)
