@@ -78,6 +78,7 @@ def test_a_rollout_function_that_cannot_load_is_one_line_naming_the_key(tiny_tok
     assert rollout_function(load_recipe(RECIPE, [FUNCTION])) is with_tool_output
 
 
+@pytest.mark.slow  # 125 s on 2 shared cores
 def test_a_user_rollout_function_trains_through_a_recipe(ray_session, tmp_path):
     train(load_recipe(RECIPE, [
         FUNCTION, "reward.name=tests.rewards.user_rewards:trl_length", "algorithm.dynamic_sampling=false",
