@@ -78,6 +78,16 @@ def test_a_rollout_function_that_cannot_load_is_one_line_naming_the_key(tiny_tok
     assert rollout_function(load_recipe(RECIPE, [FUNCTION])) is with_tool_output
 
 
+def test_a_rollout_function_that_returns_too_few_trajectories_is_named(tiny_model_dir, tiny_tokenizer):
+    tok = tiny_tokenizer
+    recipe = load_recipe(RECIPE, ["rollout.function=tests.cispo.user_rollouts:drops_a_sample"])
+    engine = CispoEngine(load_model(tiny_model_dir), RolloutConfig(), tok.pad_token_id, tok)
+    collector = Collector(recipe, tok, engine, None)
+    with pytest.raises(ValueError, match=r"^rollout function 'tests.cispo.user_rollouts:drops_a_sample' returned "
+                                         r"\[2, 3\] trajectories for 2 prompts of 3 samples each$"):
+        collector.collect([Prompt("1+2=", "3"), Prompt("4+5=", "9")], [0, 1], collector.sampling(max_new_tokens=4), 3)
+
+
 @pytest.mark.slow  # 125 s on 2 shared cores
 def test_a_user_rollout_function_trains_through_a_recipe(ray_session, tmp_path):
     train(load_recipe(RECIPE, [

@@ -19,3 +19,9 @@ def with_tool_output(inputs, engine):
     for t, more in zip([t for group in groups for t in group], engine.generate(second)):
         t.extend(more)
     return groups
+
+
+def drops_a_sample(inputs, engine):
+    """A broken rollout function: one trajectory short for the first prompt."""
+    groups = single_turn(inputs, engine)
+    return [groups[0][1:]] + groups[1:]
