@@ -85,6 +85,10 @@ class RolloutConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")
     engine: str = Field("cispo", description="the decode engine a worker runs (ENGINES): cispo (ours: continuous "
                         "batching, any supported HF causal LM) | hf (transformers' generate, one request at a time)")
+    function: str = Field("rollout.trajectory:single_turn", description="the rollout function, 'module:fn' "
+                          "(rollout.trajectory.RolloutFunction), imported from the working directory, the recipe's "
+                          "directory and sys.path: it turns a draw's prompts into trajectories by calling the engine, "
+                          "and marks which tokens train")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
                                                    "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 

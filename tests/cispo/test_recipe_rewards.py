@@ -52,7 +52,7 @@ def collect(rollout, data, reward: str):
     with ScoringPool(num_workers=2, timeout_s=30.0) as scorer:
         collector = Collector(recipe, tok, pool, scorer)
         groups = collector.collect(prompts, list(range(len(prompts))), collector.sampling(temperature=1.0), N)
-    texts = [tok.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g.completions]
+    texts = [tok.decode(c.response_ids, skip_special_tokens=True) for g in groups for c in g.trajectories]
     return groups, texts
 
 
@@ -61,7 +61,7 @@ def collect(rollout, data, reward: str):
 def test_trl_and_verl_functions_in_a_recipe_score_as_called_directly(rollout, data, name):
     groups, texts = collect(rollout, data, f"{MOD}:{name}")
     rows = [ROWS[i] for i in range(len(ROWS)) for _ in range(N)]
-    ids = [list(c.token_ids) for g in groups for c in g.completions]
+    ids = [list(c.response_ids) for g in groups for c in g.trajectories]
     fn = getattr(user_rewards, name)
     if name.startswith("trl"):  # as TRL's GRPOTrainer calls it: keywords, every dataset column as a list
         columns = {k: [r[k] for r in rows] for k in ROWS[0] if k != "prompt"}
@@ -71,7 +71,7 @@ def test_trl_and_verl_functions_in_a_recipe_score_as_called_directly(rollout, da
         direct = [fn(data_source="gsm8k", solution_str=t, ground_truth=r["answer"], extra_info=r["extra_info"])
                   for t, r in zip(texts, rows)]
         direct = [d["score"] if isinstance(d, dict) else d for d in direct]
-    assert [s for g in groups for s in g.statuses] == ["ok"] * len(texts)
+    assert [c.status for g in groups for c in g.trajectories] == ["ok"] * len(texts)
     assert torch.cat([g.rewards for g in groups]).tolist() == pytest.approx(direct)
     if name.startswith("trl"):  # these differ between rows whatever the random model wrote
         assert len(set(direct)) > 1
@@ -82,9 +82,9 @@ def test_trl_and_verl_functions_in_a_recipe_score_as_called_directly(rollout, da
 
 def test_a_nan_reward_in_a_recipe_is_a_counted_error_scoring_0(rollout, data):
     groups, _ = collect(rollout, data, f"{MOD}:nan_on_odd_length")
-    odd = [(len(g.prompt.text) + len(c.token_ids)) % 2 == 1 for g in groups for c in g.completions]
+    odd = [(len(g.prompt.text) + len(c.response_ids)) % 2 == 1 for g in groups for c in g.trajectories]
     assert 0 < sum(odd) < len(odd)
-    assert [s for g in groups for s in g.statuses] == ["error" if o else "ok" for o in odd]
+    assert [c.status for g in groups for c in g.trajectories] == ["error" if o else "ok" for o in odd]
     rewards = torch.cat([g.rewards for g in groups])
     assert rewards.tolist() == [0.0 if o else 1.0 for o in odd]
     assert rollout_metrics(groups)["reward_error"] == sum(odd)  # what the loop logs for the step
