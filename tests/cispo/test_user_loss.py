@@ -38,13 +38,15 @@ def test_a_users_loss_trains_on_every_rank(ray_session, tmp_path, monkeypatch):
 
 
 def test_a_users_loss_that_does_not_load_is_named_before_anything_starts(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # not where user_losses.py is
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", TINY + [
-        "algorithm.name=user_losses:reinforce", f"run.dir={tmp_path / 'run'}"])
-    with pytest.raises(RecipeError, match=r"command line: key 'algorithm.name' = 'user_losses:reinforce': module "
-                                          r"'user_losses' cannot be imported: ModuleNotFoundError"):
-        train(recipe)
-    assert not (tmp_path / "run").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_losses.py").write_text("import no_such_package\n")
+    for name, why in [("absent_losses:reinforce", "module 'absent_losses' cannot be imported: ModuleNotFoundError"),
+                      ("broken_losses:reinforce", "module 'broken_losses' cannot be imported: ModuleNotFoundError: "
+                                                  "No module named 'no_such_package'")]:
+        recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", TINY + [f"algorithm.name={name}", f"run.dir={tmp_path / 'run'}"])
+        with pytest.raises(RecipeError, match=rf"command line: key 'algorithm.name' = '{name}': {why}"):
+            train(recipe)
+        assert not (tmp_path / "run").exists()
 
 
 def test_gspo_trains_through_a_recipe(ray_session, tmp_path):
