@@ -10,10 +10,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cispo.config import DataConfig, RecipeError, SourceConfig
 from cispo.registry import Registry
+from cispo.section import RecipeError
 from rewards.math import last_boxed
+
+if TYPE_CHECKING:  # cispo.sections imports FORMATS from here
+    from cispo.sections import DataConfig, SourceConfig
 
 # How a source's rows become prompts: a row loader `fn(row: dict) -> Prompt` raising KeyError /
 # TypeError / ValueError on a malformed row, or (meta generated=True) a generator with no file.
