@@ -34,21 +34,27 @@ def _leave_one_out(centered, count, std, eps):
     return centered * count / (count - 1).clamp(min=1)
 
 
-def advantages(rewards: Tensor, group_index: Tensor, estimator: str = "group_std", eps: float = 1e-6) -> Tensor:
+def advantages(rewards: Tensor, group_index: Tensor, estimator: str = "group_std", eps: float = 1e-6,
+               valid: Tensor | None = None) -> Tensor:
     """Per-response advantage [N] from rewards [N] and each response's prompt group [N].
 
-    A group whose rewards all agree gets exactly A = 0 under every estimator: its float mean need not
-    equal its members (eight 0.65s average to 0.65 + 6e-8 in fp32), and that residue divided by a
-    zero std would be a sizeable advantage. ValueError for an unknown estimator.
+    `valid` [N] bool (default all True) marks the rewards that say something about their response: the
+    others (a sandbox failure, the harness's fault) are left out of their group's size, mean and spread,
+    and get A = 0. A group whose valid rewards all agree gets exactly A = 0 under every estimator: its
+    float mean need not equal its members (eight 0.65s average to 0.65 + 6e-8 in fp32), and that residue
+    divided by a zero std would be a sizeable advantage. ValueError for an unknown estimator.
     """
     fn = ESTIMATORS[estimator].fn
     rewards = rewards.float()
+    valid = rewards.new_ones(rewards.shape, dtype=bool) if valid is None else valid.bool()
     groups, inverse = group_index.unique(return_inverse=True)
-    count = rewards.new_zeros(len(groups)).index_add_(0, inverse, rewards.new_ones(rewards.shape))
-    mean = rewards.new_zeros(len(groups)).index_add_(0, inverse, rewards) / count
-    lowest = rewards.new_full((len(groups),), float("inf")).scatter_reduce_(0, inverse, rewards, "amin")
-    highest = rewards.new_full((len(groups),), float("-inf")).scatter_reduce_(0, inverse, rewards, "amax")
-    centered = (rewards - mean[inverse]).where((highest > lowest)[inverse], 0.0)
+    count = rewards.new_zeros(len(groups)).index_add_(0, inverse, valid.float())
+    mean = rewards.new_zeros(len(groups)).index_add_(0, inverse, rewards.where(valid, 0.0)) / count.clamp(min=1)
+    lowest = rewards.new_full((len(groups),), float("inf")).scatter_reduce_(
+        0, inverse, rewards.where(valid, float("inf")), "amin")
+    highest = rewards.new_full((len(groups),), float("-inf")).scatter_reduce_(
+        0, inverse, rewards.where(valid, float("-inf")), "amax")
+    centered = (rewards - mean[inverse]).where((highest > lowest)[inverse] & valid, 0.0)
     var = rewards.new_zeros(len(groups)).index_add_(0, inverse, centered**2) / (count - 1).clamp(min=1)
     return fn(centered, count[inverse], var.sqrt()[inverse], eps)
 

@@ -150,8 +150,8 @@ def rl_batch(groups: list, algorithm: AlgorithmConfig, window: int, filler_id: i
     rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [c.finish_reason for c in completions],
                              [len(c.token_ids) for c in completions], mode=a.overlong, budget=window,
                              buffer=a.overlong_buffer, penalty=a.overlong_penalty)
-    # A sandbox failure is the harness's fault, not the response's: train on neither outcome.
-    keep &= torch.tensor([s != "sandbox_error" for g in groups for s in g.statuses])
+    valid = torch.cat([g.valid for g in groups])  # a sandbox failure: out of the baseline, no loss (Group.valid)
+    keep &= valid
     group_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g.completions) for g in groups]))
     rows = [(g.prompt_ids, c.token_ids) for g in groups for c in g.completions]
     batch = pad_rows(rows, filler_id)
@@ -159,5 +159,5 @@ def rl_batch(groups: list, algorithm: AlgorithmConfig, window: int, filler_id: i
     for i, ((prompt, _), c) in enumerate(zip(rows, completions)):
         batch.old_logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
     batch.group_index = group_index
-    batch.advantages = advantages(rewards, group_index, a.advantage)
+    batch.advantages = advantages(rewards, group_index, a.advantage, valid=valid)
     return batch

@@ -16,7 +16,7 @@ import torch
 from cispo.config import Recipe, RecipeError
 from cispo.data import Prompt, PromptSource, derive_seed
 from cispo.metrics import Timer, percentile
-from cispo.sampling import dynamic_sample
+from cispo.sampling import dynamic_sample, has_spread
 from rewards.pool import ScoringPool
 from rewards.types import RewardInput
 from rollout.engine import Completion, Request, SamplingParams
@@ -45,6 +45,15 @@ class Group:
     rewards: torch.Tensor  # [G]
     statuses: list[str]    # ok | error | timeout | sandbox_error, per response
 
+    @property
+    def valid(self) -> torch.Tensor:
+        """[G] bool: the responses whose reward judged them. A sandbox failure is the harness's fault, not
+        the response's: it is left out of the group's baseline and spread (cispo.advantages), so dynamic
+        sampling sees what the real outcomes say, and gets no loss (verl PR #6375). A reward error or
+        timeout still scores 0: a response can cause either (a program that runs too long, text the
+        reward chokes on)."""
+        return torch.tensor([s != "sandbox_error" for s in self.statuses], dtype=torch.bool)
+
 
 def passed(group: Group) -> list[bool]:
     """Pass or fail for each response whose reward could be computed (status ok); a pass is a full score:
@@ -61,7 +70,7 @@ def rollout_metrics(groups: list[Group]) -> dict:
             "response_length_mean": statistics.fmean(lengths), "response_length_p99": percentile(lengths, 99),
             "finish_length_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "finish_repetition_fraction": sum(c.finish_reason == "repetition" for c in completions) / len(completions),
-            "zero_spread_groups": sum(int(g.rewards.max() == g.rewards.min()) for g in groups),
+            "zero_spread_groups": sum(not has_spread(g.rewards[g.valid]) for g in groups),
             # exp(−mean token logprob) of what was generated: the 80k stage rule waits for it to settle.
             "response_perplexity": math.exp(-sum(sum(c.logprobs) for c in completions)
                                             / max(1, sum(len(c.logprobs) for c in completions))),
@@ -137,7 +146,7 @@ class Collector:
         if not a.dynamic_sampling:
             return first, first, {}
         draws = iter(range(1, a.max_refill_draws + 1))
-        kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards,
+        kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards[g.valid],
                                       target=len(first), max_draws=a.max_refill_draws)
         return first, kept, {**counts, "trained_groups": len(kept)}
 

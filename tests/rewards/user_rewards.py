@@ -87,3 +87,11 @@ def trl_weighted_length(completions, difficulty, **kwargs):  # TRL's docs' shape
 
 def nan_on_odd_length(prompt, completion_ids):  # NaN for a known subset of samples: the count must reach the metrics
     return math.nan if (len(prompt) + len(completion_ids)) % 2 else 1.0
+
+
+def sandbox_fails_on_odd_length(prompt, completion_ids):  # every real outcome agrees; the harness fails on some
+    from rewards.sandbox import SandboxFailure
+
+    if (len(prompt) + len(completion_ids)) % 2:
+        raise SandboxFailure("the harness failed, not the program")
+    return 1.0
