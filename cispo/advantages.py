@@ -11,23 +11,24 @@ from cispo.registry import Registry
 if TYPE_CHECKING:
     from torch import Tensor
 
-# (centred rewards [N], group size [N], group std [N], eps) -> advantages [N]
+# (centred rewards [N], group size [N], group std [N], eps) -> advantages [N]. `group_relative`: the
+# baseline comes from the other responses to the same prompt, so a recipe must sample them differently.
 ESTIMATORS = Registry("advantage estimator")
 
 
-@ESTIMATORS.register("group_std")
+@ESTIMATORS.register("group_std", group_relative=True)
 def _group_std(centered, count, std, eps):
     """Eq. 2: centred and divided by the group std."""
     return centered / (std + eps)
 
 
-@ESTIMATORS.register("no_std")
+@ESTIMATORS.register("no_std", group_relative=True)
 def _no_std(centered, count, std, eps):
     """Centred only (Dr. GRPO): dividing by std up-weights nearly-solved and nearly-failed prompts."""
     return centered
 
 
-@ESTIMATORS.register("leave_one_out")
+@ESTIMATORS.register("leave_one_out", group_relative=True)
 def _leave_one_out(centered, count, std, eps):
     """R_i minus the mean of the other G − 1 rewards (RLOO), a baseline independent of R_i; it equals
     G/(G − 1) times the centred reward."""

@@ -324,6 +324,15 @@ class Recipe(Section):
         for source in self.reward.sources:
             if source not in names:
                 raise ValueError(f"reward.sources: {source!r} is not a data source; sources: {', '.join(names)}")
+        # A group-relative advantage of G identical samples is 0 for every response: nothing would ever
+        # train, or dynamic sampling would drop every group (rllm PR #917).
+        r = self.rollout
+        alike = ("rollout.n_samples=1 gives one sample per prompt" if r.n_samples < 2 else
+                 "rollout.temperature=0 samples greedily" if r.temperature == 0 else
+                 "rollout.top_k=1 samples greedily" if r.top_k == 1 else None)
+        if alike and registry("cispo.advantages:ESTIMATORS")[self.algorithm.advantage].meta["group_relative"]:
+            raise ValueError(f"{alike}, so algorithm.advantage={self.algorithm.advantage} (relative to the other "
+                             f"samples of the prompt) is 0 for every response; sample at least 2, differently")
         w = self.stages.windows
         if w and w[-1] != self.rollout.max_new_tokens:
             raise ValueError(f"stages.windows ends at {w[-1]} but rollout.max_new_tokens is "
