@@ -24,15 +24,17 @@ from rollout.model import load_tokenizer
 from rollout.worker import RolloutPool
 
 
-def encode_prompt(tok, text: str, chat_template: bool = False) -> list[int]:
+def encode_prompt(tok, text: str, chat_template: bool = False, messages: tuple = ()) -> list[int]:
     """A prompt's token ids, exactly as a user of the exported model gets them: `tok(text)` (the
     tokenizer adds its own special tokens, e.g. BOS), or with `chat_template` the tokenizer's chat
-    template around one user turn, ending with the generation prompt."""
-    if not chat_template:
+    template around one user turn, ending with the generation prompt. A prompt the data gives as chat
+    `messages` (verl's) always goes through the chat template, as verl encodes it."""
+    if not chat_template and not messages:
         return tok(text)["input_ids"]
     if not tok.chat_template:
-        raise RecipeError("model.chat_template=true but the tokenizer has no chat template")
-    messages = [{"role": "user", "content": text}]
+        raise RecipeError("the data's prompts are chat messages but the tokenizer has no chat template" if messages
+                          else "model.chat_template=true but the tokenizer has no chat template")
+    messages = list(messages) or [{"role": "user", "content": text}]
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
 
@@ -101,7 +103,7 @@ class Collector:
                               repetition_prob=r.repetition_prob)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        return encode_prompt(self.tok, prompt.text, self.recipe.model.chat_template)
+        return encode_prompt(self.tok, prompt.text, self.recipe.model.chat_template, prompt.messages)
 
     def collect(self, prompts: list[Prompt], seeds: list[int], params: SamplingParams, n: int,
                 timer: Timer | None = None) -> list[Group]:
@@ -119,7 +121,10 @@ class Collector:
     def _score(self, prompts: list[Prompt], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:
         texts = self.tok.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         results = [None] * len(completions)
-        for name, reward in self.rewards.items():
+        for name in dict.fromkeys(p.source for p in prompts):
+            if name not in self.rewards:  # a row's own source (a mapped source column, verl's data_source)
+                self.rewards[name] = self.recipe.source_reward(name)
+            reward = self.rewards[name]
             rows = [i for i, c in enumerate(completions) if prompts[c.request_index].source == name]
             inputs = [RewardInput(p.text, texts[i], p.answer, p.source, tuple(completions[i].token_ids), p.fields)
                       for i in rows for p in [prompts[completions[i].request_index]]]

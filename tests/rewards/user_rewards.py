@@ -95,3 +95,11 @@ def sandbox_fails_on_odd_length(prompt, completion_ids):  # every real outcome a
     if (len(prompt) + len(completion_ids)) % 2:
         raise SandboxFailure("the harness failed, not the program")
     return 1.0
+
+
+def verl_length_parity(data_source, solution_str, ground_truth, extra_info=None):  # verl's signature
+    """Raises (a counted reward error) unless verl's row fields reach it as verl passes them; scores the
+    response length's parity, so a random model's samples of one prompt differ."""
+    if data_source != "openai/gsm8k" or extra_info.get("split") != "train" or not ground_truth:
+        raise ValueError(f"got data_source {data_source!r}, ground_truth {ground_truth!r}, extra_info {extra_info!r}")
+    return float(len(solution_str) % 2)
