@@ -3,11 +3,14 @@ verl's layout) with a curriculum, drawn per step from a seeded stream. Each sour
 parquet, CSV, JSON, Arrow or a `save_to_disk` directory (cispo.data_files)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 import re
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -116,31 +119,57 @@ def _verl(row: dict) -> Prompt:
                   source=str(row["data_source"]), messages=tuple(messages))
 
 
+def _prompt(row: str | dict, fmt: str, columns: dict[str, str], source: str) -> Prompt:
+    """One raw row (a JSONL line, or a table's row) as a Prompt; raises on a malformed row (see FORMATS)."""
+    row = json.loads(row) if isinstance(row, str) else row
+    prompt = FORMATS[fmt].fn({**row, **{ours: row[theirs] for ours, theirs in columns.items()}})
+    if not isinstance(prompt.text, str) or not prompt.text:
+        raise ValueError("empty prompt")
+    own = str(row[columns["source"]]) if "source" in columns else prompt.source
+    return replace(prompt, source=own or source, fields={k: v for k, v in row.items() if k != "prompt"})
+
+
+class Prompts(Sequence):
+    """The good rows of a file as Prompts, each built when indexed (random.sample draws by index): the rows
+    stay where cispo.data_files keeps them (a table memory-mapped on disk), plus 8 bytes per good row."""
+
+    def __init__(self, rows: Sequence, good: array, convert):
+        self.rows, self.good, self.convert = rows, good, convert
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.convert(self.rows[self.good[i]])
+
+
 def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: bool = False,
-              columns: dict[str, str] | None = None) -> tuple[list[Prompt], int]:
+              columns: dict[str, str] | None = None) -> tuple[Prompts, int]:
     """The prompts of the file at `path` (any type cispo.data_files reads) and how many bad rows were
     skipped. `columns` maps our names (prompt, answer, target, source) to the file's columns; a mapped
     `source` column (or verl's `data_source`) gives each row its own source name, else it is `source`.
-    A bad row is an error naming file:line (file:row i for tables), unless `skip_bad`."""
-    path, columns = Path(path), columns or {}
+    Every row is checked here, once; a bad row is an error naming file:line (file:row i for tables),
+    unless `skip_bad`."""
+    path = Path(path)
     if not path.exists():
         raise RecipeError(f"data file not found: {path}")
-    prompts, skipped = [], 0
-    for where, row in data_files.rows(path, columns):
+    convert = functools.partial(_prompt, fmt=fmt, columns=columns or {}, source=source)
+    rows, good, skipped = data_files.rows(path, columns or {}), array("q"), 0
+    for i, row in enumerate(rows):
+        if isinstance(row, str) and not row.strip():
+            continue
         try:
-            row = json.loads(row) if isinstance(row, str) else row
-            prompt = FORMATS[fmt].fn({**row, **{ours: row[theirs] for ours, theirs in columns.items()}})
-            if not isinstance(prompt.text, str) or not prompt.text:
-                raise ValueError("empty prompt")
-            own = str(row[columns["source"]]) if "source" in columns else prompt.source
+            convert(row)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             if not skip_bad:
-                raise RecipeError(f"{path}:{where}: bad {fmt} row ({type(exc).__name__}: {exc}); "
+                raise RecipeError(f"{path}:{data_files.where(path, i)}: bad {fmt} row ({type(exc).__name__}: {exc}); "
                                   f"data.on_bad_row=skip skips such rows") from None
             skipped += 1
             continue
-        prompts.append(replace(prompt, source=own or source, fields={k: v for k, v in row.items() if k != "prompt"}))
-    return prompts, skipped
+        good.append(i)
+    return Prompts(rows, good, convert), skipped
 
 
 class PromptSource:
@@ -150,7 +179,7 @@ class PromptSource:
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         self.sources = cfg.mix()
-        self.pools: dict[str, list[Prompt]] = {}
+        self.pools: dict[str, Sequence[Prompt]] = {}
         self.eval: list[Prompt] = []
         self.skipped: dict[str, int] = {}  # data file -> bad rows skipped (data.on_bad_row=skip)
         for s in self.sources:
@@ -161,7 +190,7 @@ class PromptSource:
             self.pools[s.name] = train
             self.eval += held_out[:cfg.eval_size]
 
-    def _load(self, s: SourceConfig) -> tuple[list[Prompt], list[Prompt]]:
+    def _load(self, s: SourceConfig) -> tuple[Sequence[Prompt], Sequence[Prompt]]:
         if FORMATS[s.format].meta.get("generated"):
             problems = FORMATS[s.format].fn(self.cfg.digits, s.name)
             if len(problems) <= self.cfg.eval_size:

@@ -2,7 +2,7 @@
 
 Our JSONL (.jsonl, .jsonl.gz) is read here line by line. Parquet, CSV, JSON, Arrow files and
 `save_to_disk` directories (TRL's and verl's layouts) go through HF `datasets`, which converts a file to
-Arrow in its cache once and memory-maps it. JSONL stays ours because `datasets` infers one schema for
+Arrow in its cache once and memory-maps it, so a table larger than memory can be read. JSONL stays ours because `datasets` infers one schema for
 the whole file: it turned an answer "1" into the integer 1 when another row's answer was a number, and
 one malformed line failed the whole file, so `data.on_bad_row` could not apply to that row.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 from cispo.config import RecipeError
@@ -52,21 +52,24 @@ def table(path: Path):
         raise RecipeError(f"{path}: cannot read it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def rows(path: Path, columns: dict[str, str]) -> Iterator[tuple[str, str | dict]]:
-    """(where, row) for each row of the file at `path`: for JSONL, the line number and the line's text
-    (the caller parses it, so a malformed line is that row's error); otherwise "row i" (0-based, as
-    `dataset[i]` numbers it) and the row as a dict. The `columns` the recipe maps must exist in a table
-    (RecipeError naming the key and the columns there are)."""
+def rows(path: Path, columns: dict[str, str]) -> Sequence[str | dict]:
+    """The rows of the file at `path`, by index: for JSONL, each line's text (the caller parses it, so a
+    malformed line is that row's error; a blank line is ""), held in memory; otherwise the memory-mapped
+    table, whose row i is a dict read from disk when indexed, so a file larger than memory can be read.
+    The `columns` the recipe maps must exist in a table (RecipeError naming the key and the columns there
+    are)."""
     if is_jsonl(path):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
-                if line.strip():
-                    yield str(n), line
-        return
+            return list(lines)
     found = table(path)
     for ours, theirs in columns.items():
         if theirs not in found.column_names:
             raise RecipeError(f"{path}: no column {theirs!r} (columns.{ours}); it has {', '.join(found.column_names)}")
-    for i, row in enumerate(found):
-        yield f"row {i}", row
+    return found
+
+
+def where(path: Path, i: int) -> str:
+    """Row i of `path` as a person finds it: the line number of a JSONL file, else "row i" (0-based, as
+    `dataset[i]` numbers it)."""
+    return str(i + 1) if is_jsonl(path) else f"row {i}"

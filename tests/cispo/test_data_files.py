@@ -2,6 +2,8 @@
 `save_to_disk` directories, CSV and JSON files, with a column mapping; a bad row still names file and row
 and follows data.on_bad_row (issue 23). The slow test trains 2 steps on all three through a recipe."""
 import json
+import random
+import tracemalloc
 
 import datasets
 import pytest
@@ -115,6 +117,24 @@ def test_what_cannot_be_read_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(RecipeError, match="data file not found"):
         read_rows(tmp_path / "none.parquet")
+
+
+def test_a_table_stays_on_disk_and_prompts_are_built_when_drawn(tmp_path):
+    """For files larger than memory: the table is memory-mapped, so reading 16 MB of prompts keeps well
+    under 1 MB of Python objects (a list of Prompts held them all), and draws see the same prompts."""
+    big = "7" * 8000
+    rows = [{"prompt": f"{i}+{big}=", "answer": str(i)} for i in range(2000)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "big.parquet"))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        prompts, _ = read_rows(tmp_path / "big.parquet", source="big")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(prompts) == 2000 and held < 1_000_000, held
+    assert [(p.text, p.answer) for p in prompts[5:7]] == [(r["prompt"], r["answer"]) for r in rows[5:7]]
+    assert [p.answer for p in random.Random(1).sample(prompts, 3)] == [r["answer"] for r in random.Random(1).sample(rows, 3)]
 
 
 def test_reward_sources_may_name_a_rows_own_source_only_when_the_data_names_them():
