@@ -18,7 +18,7 @@ import torch
 from cispo.config import Recipe, RecipeError
 from cispo.data import Prompt, PromptSource, derive_seed
 from cispo.metrics import Timer, percentile
-from cispo.sampling import dynamic_sample
+from cispo.sampling import dynamic_sample, has_spread
 from rewards.plugins import import_function
 from rewards.pool import ScoringPool
 from rewards.types import RewardInput
@@ -27,15 +27,17 @@ from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
 from rollout.worker import RolloutPool
 
 
-def encode_prompt(tok, text: str, chat_template: bool = False) -> list[int]:
+def encode_prompt(tok, text: str, chat_template: bool = False, messages: tuple = ()) -> list[int]:
     """A prompt's token ids, exactly as a user of the exported model gets them: `tok(text)` (the
     tokenizer adds its own special tokens, e.g. BOS), or with `chat_template` the tokenizer's chat
-    template around one user turn, ending with the generation prompt."""
-    if not chat_template:
+    template around one user turn, ending with the generation prompt. A prompt the data gives as chat
+    `messages` (verl's) always goes through the chat template, as verl encodes it."""
+    if not chat_template and not messages:
         return tok(text)["input_ids"]
     if not tok.chat_template:
-        raise RecipeError("model.chat_template=true but the tokenizer has no chat template")
-    messages = [{"role": "user", "content": text}]
+        raise RecipeError("the data's prompts are chat messages but the tokenizer has no chat template" if messages
+                          else "model.chat_template=true but the tokenizer has no chat template")
+    messages = list(messages) or [{"role": "user", "content": text}]
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
 
@@ -49,6 +51,15 @@ class Group:
     def rewards(self) -> torch.Tensor:
         """[G] float32, the trajectories' rewards."""
         return torch.tensor([t.reward for t in self.trajectories], dtype=torch.float32)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[G] bool: the responses whose reward judged them. A sandbox failure is the harness's fault, not
+        the response's: it is left out of the group's baseline and spread (cispo.advantages), so dynamic
+        sampling sees what the real outcomes say, and gets no loss (verl PR #6375). A reward error or
+        timeout still scores 0: a response can cause either (a program that runs too long, text the
+        reward chokes on)."""
+        return torch.tensor([t.status != "sandbox_error" for t in self.trajectories], dtype=torch.bool)
 
 
 def passed(group: Group) -> list[bool]:
@@ -67,7 +78,7 @@ def rollout_metrics(groups: list[Group]) -> dict:
             "response_length_mean": statistics.fmean(lengths), "response_length_p99": percentile(lengths, 99),
             "finish_length_fraction": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
             "finish_repetition_fraction": sum(t.finish_reason == "repetition" for t in trajectories) / len(trajectories),
-            "zero_spread_groups": sum(int(g.rewards.max() == g.rewards.min()) for g in groups),
+            "zero_spread_groups": sum(not has_spread(g.rewards[g.valid]) for g in groups),
             # exp(−mean token logprob) of the tokens that train: the 80k stage rule waits for it to settle.
             "response_perplexity": math.exp(-sum(map(sum, trained)) / max(1, sum(map(len, trained)))),
             **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")}}
@@ -124,7 +135,7 @@ class Collector:
                               repetition_prob=r.repetition_prob)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        return encode_prompt(self.tok, prompt.text, self.recipe.model.chat_template)
+        return encode_prompt(self.tok, prompt.text, self.recipe.model.chat_template, prompt.messages)
 
     def collect(self, prompts: list[Prompt], seeds: list[int], params: SamplingParams, n: int,
                 timer: Timer | None = None) -> list[Group]:
@@ -151,7 +162,10 @@ class Collector:
         """Set each trajectory's reward and status, as its prompt's source's reward scores its response."""
         rows = [(p, t) for p, ts in zip(prompts, out) for t in ts]
         texts = self.tok.batch_decode([t.response_ids for _, t in rows], skip_special_tokens=True)
-        for name, reward in self.rewards.items():
+        for name in dict.fromkeys(p.source for p, _ in rows):
+            if name not in self.rewards:  # a row's own source (a mapped source column, verl's data_source)
+                self.rewards[name] = self.recipe.source_reward(name)
+            reward = self.rewards[name]
             mine = [i for i, (p, _) in enumerate(rows) if p.source == name]
             inputs = [RewardInput(p.text, texts[i], p.answer, p.source, tuple(t.response_ids), p.fields)
                       for i in mine for p, t in [rows[i]]]
@@ -182,7 +196,7 @@ class Collector:
         if not a.dynamic_sampling:
             return first, first, {}
         draws = iter(range(1, a.max_refill_draws + 1))
-        kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards,
+        kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards[g.valid],
                                       target=len(first), max_draws=a.max_refill_draws)
         return first, kept, {**counts, "trained_groups": len(kept)}
 

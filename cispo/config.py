@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
 from cispo import loss as losses
+from cispo.advantages import ESTIMATORS
 from cispo.section import RecipeError, Section, choices
 from cispo.sections import (AlgorithmConfig, DataConfig, EvalConfig, OptimConfig, ResourcesConfig, RunConfig,
                             SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
@@ -85,9 +86,19 @@ class Recipe(Section):
             if name not in BUILTIN and ":" not in name:
                 raise ValueError(f"{key}: unknown reward {name!r}; valid: {', '.join(BUILTIN)} or 'module:function'")
         names = [s.name for s in self.data.mix()]
+        per_row = any(s.format == "verl" or "source" in s.columns for s in self.data.mix())  # named in the data
         for source in self.reward.sources:
-            if source not in names:
+            if source not in names and not per_row:
                 raise ValueError(f"reward.sources: {source!r} is not a data source; sources: {', '.join(names)}")
+        # A group-relative advantage of G identical samples is 0 for every response: nothing would ever
+        # train, or dynamic sampling would drop every group (rllm PR #917).
+        r = self.rollout
+        alike = ("rollout.n_samples=1 gives one sample per prompt" if r.n_samples < 2 else
+                 "rollout.temperature=0 samples greedily" if r.temperature == 0 else
+                 "rollout.top_k=1 samples greedily" if r.top_k == 1 else None)
+        if alike and ESTIMATORS[self.algorithm.advantage].meta["group_relative"]:
+            raise ValueError(f"{alike}, so algorithm.advantage={self.algorithm.advantage} (relative to the other "
+                             f"samples of the prompt) is 0 for every response; sample at least 2, differently")
         w = self.stages.windows
         if w and w[-1] != self.rollout.max_new_tokens:
             raise ValueError(f"stages.windows ends at {w[-1]} but rollout.max_new_tokens is "

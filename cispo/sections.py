@@ -26,13 +26,22 @@ class RunConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads per actor; 0 uses every core")
 
 
+# Our column names a data file's columns can be mapped to (data.columns, data.sources[].columns).
+Columns = dict[Literal["prompt", "answer", "target", "source"], str]
+COLUMNS_HELP = ("the file's column for each of ours (prompt, answer, target, source), e.g. {prompt: question}; "
+                "a mapped source column names each row's own source, which picks its reward (reward.sources)")
+
+
 class SourceConfig(Section):
     name: str = Field(..., description="names the source in metrics and in reward.sources")
     format: str = choice(FORMATS, "how rows are read: arith (generated, no file); jsonl: "
                          "'prompt'/'answer'[/'target']; gsm8k; math: 'problem'/'solution' with \\boxed{}; apps; "
-                         "humaneval", "jsonl")
-    path: str | None = Field(None, description="training rows (.jsonl or .jsonl.gz); not for arith")
+                         "humaneval; verl: verl's parquet layout (chat-message 'prompt', "
+                         "'reward_model.ground_truth', 'data_source' as each row's source)", "jsonl")
+    path: str | None = Field(None, description="training rows: .jsonl, .jsonl.gz, .json, .csv, .parquet, .arrow or "
+                             "a datasets save_to_disk directory; not for arith")
     eval_path: str | None = Field(None, description="held-out rows in the same format")
+    columns: Columns = Field(default_factory=dict, description=COLUMNS_HELP)
     weight: float = Field(1.0, ge=0, description="share of each batch, relative to the other active sources")
     start_step: int = Field(0, ge=0, description="curriculum: the RL step at which this source joins the mix")
     ramp_steps: int = Field(0, ge=0, description="curriculum: steps over which its weight rises from 0 to weight")
@@ -40,8 +49,10 @@ class SourceConfig(Section):
 
 class DataConfig(Section):
     source: str = choice(FORMATS, "the single source's format when data.sources is empty", "arith")
-    path: str | None = Field(None, description="JSONL with 'prompt' and 'answer' (or GSM8K 'question'/'answer')")
-    eval_path: str | None = Field(None, description="held-out JSONL for evaluation")
+    path: str | None = Field(None, description="training rows, as data.sources[].path (e.g. JSONL with 'prompt' "
+                             "and 'answer')")
+    eval_path: str | None = Field(None, description="held-out rows for evaluation, in the same format")
+    columns: Columns = Field(default_factory=dict, description=COLUMNS_HELP)
     sources: list[SourceConfig] = Field(default_factory=list, description="a weighted mix of sources with a "
                                         "curriculum; replaces source/path/eval_path when given")
     on_bad_row: Literal["error", "skip"] = Field("error", description="a malformed row: stop with file:line, "
@@ -53,7 +64,7 @@ class DataConfig(Section):
     def mix(self) -> list[SourceConfig]:
         """The sources to draw from: `sources`, or the single source/path/eval_path as a one-source mix."""
         return self.sources or [SourceConfig(name=self.source, format=self.source, path=self.path,
-                                             eval_path=self.eval_path)]
+                                             eval_path=self.eval_path, columns=self.columns)]
 
     @field_validator("sources")
     @classmethod

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cispo.advantages import advantages
+from cispo.batching import rl_batch
 from cispo.collect import Collector, rollout_metrics
 from cispo.config import load_recipe
-from cispo.data import read_rows
+from cispo.data import PromptSource, read_rows
+from cispo.metrics import Timer
 from rewards.pool import ScoringPool
 from rollout.config import RolloutConfig
 from rollout.model import load_tokenizer
@@ -42,12 +44,16 @@ def data(tmp_path_factory):
     return path
 
 
+def recipe_for(data, reward: str):
+    return load_recipe(REPO / "recipes/tiny-arith.yaml", [
+        f"data.sources=[{{name: gsm8k, format: jsonl, path: {data}}}]", f"reward.name={reward}",
+        f"rollout.n_samples={N}", "rollout.max_new_tokens=10", "wandb.mode=disabled"])
+
+
 def collect(rollout, data, reward: str):
     """The recipe's groups for every row, N samples each, scored by `reward` set as reward.name."""
     tok, pool = rollout
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [
-        f"data.sources=[{{name: gsm8k, format: jsonl, path: {data}}}]", f"reward.name={reward}",
-        f"rollout.n_samples={N}", "rollout.max_new_tokens=10", "wandb.mode=disabled"])
+    recipe = recipe_for(data, reward)
     prompts, _ = read_rows(data, "jsonl", source="gsm8k")
     with ScoringPool(num_workers=2, timeout_s=30.0) as scorer:
         collector = Collector(recipe, tok, pool, scorer)
@@ -90,3 +96,21 @@ def test_a_nan_reward_in_a_recipe_is_a_counted_error_scoring_0(rollout, data):
     assert rollout_metrics(groups)["reward_error"] == sum(odd)  # what the loop logs for the step
     group = torch.arange(len(groups)).repeat_interleave(N)
     assert all(math.isfinite(a) for a in advantages(rewards, group, "group_std").tolist())
+
+
+def test_a_sandbox_failure_leaves_its_group_uniform_so_dynamic_sampling_drops_it(rollout, data):
+    """verl PR #6375, through the training step: every real outcome scores 1 and the harness fails on some
+    responses. Before, each group with a failure had a spread ([1, 1, 0]) and was trained on; now every
+    group is uniform, so dynamic sampling drops them all and the advantages are all 0."""
+    tok, pool = rollout
+    recipe = recipe_for(data, f"{MOD}:sandbox_fails_on_odd_length")
+    with ScoringPool(num_workers=2, timeout_s=30.0) as scorer:
+        first, kept, counts = Collector(recipe, tok, pool, scorer).step(PromptSource(recipe.data, 0), 1, 10, Timer())
+    statuses = [s for g in first for s in g.statuses]
+    assert any(set(g.statuses) == {"ok", "sandbox_error"} for g in first)  # a group the failure gave a spread
+    assert kept == [] and counts["groups_dropped"] >= len(first)
+    assert rollout_metrics(first)["zero_spread_groups"] == len(first)
+    batch = rl_batch(first, recipe.algorithm, 10, tok.eos_token_id)
+    assert torch.equal(batch.advantages, torch.zeros(len(statuses)))
+    failed = torch.tensor([s == "sandbox_error" for s in statuses])
+    assert batch.loss_mask[failed].sum() == 0 and (batch.loss_mask[~failed].sum(1) > 0).all()
