@@ -105,9 +105,11 @@ def test_a_sandbox_failure_leaves_its_group_uniform_so_dynamic_sampling_drops_it
     tok, pool = rollout
     recipe = recipe_for(data, f"{MOD}:sandbox_fails_on_odd_length")
     with ScoringPool(num_workers=2, timeout_s=30.0) as scorer:
-        first, kept, counts = Collector(recipe, tok, pool, scorer).step(PromptSource(recipe.data, 0), 1, 10, Timer())
-    statuses = [s for g in first for s in g.statuses]
-    assert any(set(g.statuses) == {"ok", "sandbox_error"} for g in first)  # a group the failure gave a spread
+        collector = Collector(recipe, tok, pool, scorer)
+        first, kept, counts = collector.submit(1, PromptSource(recipe.data, 0), 10, Timer()).result()
+        collector.close()
+    statuses = [t.status for g in first for t in g.trajectories]
+    assert any({t.status for t in g.trajectories} == {"ok", "sandbox_error"} for g in first)  # a spread it gave
     assert kept == [] and counts["groups_dropped"] >= len(first)
     assert rollout_metrics(first)["zero_spread_groups"] == len(first)
     batch = rl_batch(first, recipe.algorithm, 10, tok.eos_token_id)
