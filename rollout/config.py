@@ -22,6 +22,28 @@ PRESETS: dict[str, dict] = {
                num_key_value_heads=8, head_dim=128, num_local_experts=32, num_experts_per_tok=2,
                block_size=256, max_position_embeddings=10_240_000),
 }
+# One tiny preset per other linear-state family (rollout.families), in its own config class's keys with
+# its `model_type`: random models of each family's layout to try the engine and trainer without weights.
+_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+_TINY_GDN = dict(_TINY, num_hidden_layers=4, intermediate_size=128, head_dim=16, linear_key_head_dim=16,
+                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 layer_types=["linear_attention"] * 3 + ["full_attention"])
+_TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+PRESETS.update({
+    "tiny-qwen3_5": dict(_TINY_GDN, model_type="qwen3_5_text"),
+    "tiny-qwen3_5_moe": dict(_TINY_GDN, model_type="qwen3_5_moe_text", **_TINY_MOE),
+    "tiny-qwen3_next": dict(_TINY_GDN, model_type="qwen3_next", **_TINY_MOE),
+    "tiny-kimi_linear": dict(_TINY, model_type="kimi_linear", num_hidden_layers=4, num_key_value_heads=4,
+                             intermediate_size=128, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                             v_head_dim=16, linear_head_dim=16, linear_num_heads=4,
+                             layer_types=["linear_attention"] * 3 + ["full_attention"],
+                             mlp_layer_types=["dense"] + ["sparse"] * 3, num_local_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=64),
+    "tiny-nemotron_h": dict(_TINY, model_type="nemotron_h", head_dim=16, intermediate_size=128,
+                            layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                            ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,
+                            n_routed_experts=4, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64),
+})
 
 
 def preset_config(name: str) -> dict:
@@ -51,9 +73,10 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    preset: str = Field("tiny", description="build_hybrid preset (tiny | small | m1) for a fresh random model")
+    preset: str = Field("tiny", description="preset for a fresh random model (PRESETS): tiny | small | m1 (MiniMax), "
+                        "or tiny-<model type> for another family (tiny-qwen3_5, tiny-kimi_linear, ...)")
     path: str | None = Field(None, description="an HF causal-LM directory to start from instead of a preset")
-    overrides: dict = Field(default_factory=dict, description="MiniMaxConfig fields applied over the preset")
+    overrides: dict = Field(default_factory=dict, description="config fields (the preset's own config class) applied over the preset")
     seed: int = Field(0, description="seed for a fresh model's initial weights")
     chat_template: bool = Field(False, description="encode each prompt as one user turn of the tokenizer's chat "
                                 "template, with its generation prompt; false: tok(prompt) (with the tokenizer's "

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from rollout.config import ENGINES, RolloutConfig
 from rollout.kernels import use_fla_lightning
-from rollout.model import HybridCache, head_logits, new_cache, use_decode_attention
+from rollout.model import head_logits, new_cache, use_decode_attention
+from rollout.states import StateCache
 from rollout.sampling import sample, seed_key, uniforms
 
 
@@ -124,7 +125,7 @@ class _Rows:
 @dataclass
 class _Batch:
     """The running rows: their cache, left-padded attention mask, next positions and pending logits."""
-    cache: HybridCache
+    cache: StateCache
     mask: torch.Tensor       # [rows, cache length + pending]; 0 marks padding
     next_pos: torch.Tensor   # [rows] position of each row's next token
     logits: torch.Tensor     # [rows, vocab] fp32, to sample each row's next token from
@@ -186,7 +187,7 @@ def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
                   [batch.samples[r] for r in keep])
 
 
-def decode_step(model, cache: HybridCache, mask: torch.Tensor, positions: torch.Tensor,
+def decode_step(model, cache: StateCache, mask: torch.Tensor, positions: torch.Tensor,
                 tokens: torch.Tensor, head_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Feed each row one token; returns the next logits [rows, vocab] (fp32, from a `head_dtype` head).
 
