@@ -14,6 +14,7 @@ from cispo.batching import TrainBatch, minibatches, shard
 from cispo.config import Recipe, RecipeError
 from cispo.data import derive_seed
 from cispo.loss import loss_metrics, token_loss
+from rollout.families import family_of
 from rollout.model import load_model, token_logprobs
 
 
@@ -94,7 +95,9 @@ class Trainer:
         if t.zero_stage == 3:
             # Which experts run depends on the tokens, so ranks would gather different modules in different
             # orders and deadlock; a leaf MoE block gathers all its experts at once.
-            deepspeed.utils.set_z3_leaf_modules(causal_lm, [type(causal_lm.model.layers[0].mlp)])
+            leaves = family_of(causal_lm.config).leaf_modules(causal_lm)
+            if leaves:
+                deepspeed.utils.set_z3_leaf_modules(causal_lm, leaves)
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(self.recipe, self.world_size))
