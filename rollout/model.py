@@ -87,7 +87,7 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None:  # bool [b, 1, 1, kv_length] from `sdpa_mask`
         scores = scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf"))
     out = torch.softmax(scores, -1) @ value
-    return out.view(b, heads, 1, d).transpose(1, 2), None
+    return out.view(b, heads, 1, value.shape[-1]).transpose(1, 2), None  # MLA: value heads differ from query heads
 
 
 AttentionInterface.register("decode", _decode_attention)

@@ -6,7 +6,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rollout import engine
-from rollout.engine import Request, SamplingParams, decode_step, generate
+from rollout.config import RolloutConfig
+from rollout.engine import CispoEngine, Request, SamplingParams, decode_step, generate
 from rollout.families import family_of
 from rollout.model import build_model, head_logits, new_cache
 from rollout.states import RecurrentSlot
@@ -23,7 +24,10 @@ def _model(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_logprobs_match_teacher_forced_forward_across_forks_joins_and_leaves(monkeypatch, preset):
-    model = _model(preset)
+    # The model as a rollout worker runs it (decode attention, grouped-GEMM experts), against the same
+    # weights as plain transformers builds them (SDPA, eager experts).
+    model, reference = _model(preset), _model(preset)
+    CispoEngine(model, RolloutConfig(), pad_id=0)
     joins = []  # rows running when a new prefill joined them
     real_join = engine._join
     monkeypatch.setattr(engine, "_join", lambda batch, new: joins.append(batch and len(batch.samples)) or
@@ -34,7 +38,7 @@ def test_logprobs_match_teacher_forced_forward_across_forks_joins_and_leaves(mon
                 for i, (p, b) in enumerate(zip(PROMPTS + [[1, 4]], [14, 3, 8, 6]))]
     out = generate(model, requests, pad_id=0, max_batch_rows=4)
     assert sum(1 for j in joins if j) >= 2, joins
-    worst = max(float((teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+    worst = max(float((teacher_forced(reference, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
                        - torch.tensor(c.logprobs)).abs().max()) for c in out)
     print(f"{preset}: max |Δlogprob| {worst:.2e} over {sum(len(c.token_ids) for c in out)} tokens")
     assert worst < 1e-4
