@@ -29,16 +29,18 @@ _TINY_GDN = dict(_TINY, num_hidden_layers=4, intermediate_size=128, head_dim=16,
                  linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                  layer_types=["linear_attention"] * 3 + ["full_attention"])
 _TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+# Kimi Linear and Ling 2.5: MLA softmax layers, one dense MLP then MoE.
+_TINY_MLA = dict(_TINY, num_hidden_layers=4, num_key_value_heads=4, intermediate_size=128, kv_lora_rank=32,
+                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                 layer_types=["linear_attention"] * 3 + ["full_attention"], mlp_layer_types=["dense"] + ["sparse"] * 3,
+                 num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
 PRESETS.update({
     "tiny-qwen3_5": dict(_TINY_GDN, model_type="qwen3_5_text"),
     "tiny-qwen3_5_moe": dict(_TINY_GDN, model_type="qwen3_5_moe_text", **_TINY_MOE),
     "tiny-qwen3_next": dict(_TINY_GDN, model_type="qwen3_next", **_TINY_MOE),
-    "tiny-kimi_linear": dict(_TINY, model_type="kimi_linear", num_hidden_layers=4, num_key_value_heads=4,
-                             intermediate_size=128, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
-                             v_head_dim=16, linear_head_dim=16, linear_num_heads=4,
-                             layer_types=["linear_attention"] * 3 + ["full_attention"],
-                             mlp_layer_types=["dense"] + ["sparse"] * 3, num_local_experts=4, num_experts_per_tok=2,
-                             moe_intermediate_size=64),
+    "tiny-kimi_linear": dict(_TINY_MLA, model_type="kimi_linear", linear_head_dim=16, linear_num_heads=4),
+    "tiny-bailing_hybrid": dict(_TINY_MLA, model_type="bailing_hybrid", head_dim=16, n_group=1, topk_group=1,
+                                num_mtp_layers=0),
     "tiny-nemotron_h": dict(_TINY, model_type="nemotron_h", head_dim=16, intermediate_size=128,
                             layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
                             ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,

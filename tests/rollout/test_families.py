@@ -1,5 +1,5 @@
 """Every linear-state family through the engine: Gated DeltaNet (Qwen3.5, Qwen3.5-MoE, Qwen3-Next), KDA
-(Kimi Linear), Mamba2 (Nemotron-H), each a tiny random model built offline from its preset, in fp32.
+(Kimi Linear, Ling 2.5's bailing_hybrid), Mamba2 (Nemotron-H), each a tiny random model built offline from its preset, in fp32.
 MiniMax (lightning) and Llama/Qwen2 (dense) are checked the same way in test_engine.py."""
 import pytest
 import torch
@@ -13,7 +13,8 @@ from rollout.model import build_model, head_logits, new_cache
 from rollout.states import RecurrentSlot
 from tests.rollout.reference import teacher_forced
 
-PRESETS = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-nemotron_h"]
+PRESETS = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-bailing_hybrid",
+           "tiny-nemotron_h"]
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
 
 
