@@ -1,7 +1,8 @@
-"""The hybrid model: M1's lightning-attention MoE layout on transformers' MiniMaxForCausalLM.
+"""The models: M1's lightning-attention MoE layout on transformers' MiniMaxForCausalLM, and tiny presets
+of the other supported families (rollout.families), built offline.
 
-Also owns the two model fixes both generation and training need: a cache that reports the true
-sequence length when layer 0 is linear (docs/notes.md#model), and the fp32 LM head (M1 §3.2).
+Also owns what both generation and training need: the engine's cache for a model (from its family's
+adapter; rollout.states), the decode attention kernel, and the fp32 LM head (M1 §3.2).
 """
 from __future__ import annotations
 
