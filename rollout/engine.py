@@ -1,9 +1,10 @@
 """Our decode loop over any supported HF causal LM: continuous batching, shared-prompt prefill,
 counter-based per-row random streams, fp32 logprobs.
 
-Each prompt is prefilled once and its cache replicated for its n samples: MiniMax's linear layers
-hold an O(1) state, so replication costs a [heads, d, d] copy per layer plus the softmax layers' KV
-(dense models: KV only). Finished rows leave the batch at once and queued requests take their place,
+Each prompt is prefilled once and its cache forked for its n samples: a linear-state layer holds an
+O(1) state (rollout.states: a matrix state, plus a short-conv state for GDN, KDA and Mamba2), so
+forking copies those per layer plus the softmax layers' KV (dense models: KV only). Every family
+(rollout.families) runs through the same `StateCache` operations, so this loop knows none of them. Finished rows leave the batch at once and queued requests take their place,
 so a long-tailed batch costs only its live rows. Rows never influence each other: each has its own
 random stream (rollout.sampling), positions and mask.
 

@@ -65,20 +65,15 @@ class RecurrentSlot(LinearAttentionLayer):
     """A linear-state layer: `recurrent_states[0]` (the matrix state) and, where the family has a short
     convolution, `conv_states[0]` (its last `width` inputs). Both are [rows, ...]; forking copies both."""
 
-    def _states(self) -> list[tuple[dict, int]]:
-        return [(d, i) for d in (self.conv_states, self.recurrent_states) for i, s in d.items()
-                if isinstance(s, torch.Tensor)]
-
     def select(self, rows: torch.Tensor, drop_left: int = 0) -> None:
         """Keep batch `rows` (repeats fork a row); `drop_left` is for softmax slots and means nothing here."""
-        for states, i in self._states():
-            states[i] = states[i][rows]
+        for states in (self.conv_states, self.recurrent_states):
+            states.update({i: s[rows] for i, s in states.items() if s is not None})
 
     def extend(self, other: RecurrentSlot, pads: tuple[int, int]) -> None:
         """Append `other`'s rows after ours; a recurrent state has no positions to pad."""
-        for states, i in self._states():
-            theirs = other.conv_states if states is self.conv_states else other.recurrent_states
-            states[i] = torch.cat([states[i], theirs[i]])
+        for mine, theirs in ((self.conv_states, other.conv_states), (self.recurrent_states, other.recurrent_states)):
+            mine.update({i: torch.cat([s, theirs[i]]) for i, s in mine.items() if s is not None})
 
 
 SLOTS = {"full_attention": KVSlot, "linear_attention": RecurrentSlot, "dummy": DummyLayer}
