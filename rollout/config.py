@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
+# The MiniMax presets follow M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
 # MiniMaxConfig's; max_position_embeddings is spelled out (131,072 is its default) because plan reads it.
 PRESETS: dict[str, dict] = {
     # 3.8M parameters: the CPU calibration model (docs/notes.md#tiny).
@@ -49,7 +49,8 @@ PRESETS.update({
 
 
 def preset_config(name: str) -> dict:
-    """The MiniMaxConfig fields of preset `name`; ValueError naming the valid presets if there is none."""
+    """The config fields of preset `name` (MiniMaxConfig's unless it names a `model_type`); ValueError naming
+    the valid presets if there is none."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -78,7 +79,8 @@ class ModelConfig(Section):
     preset: str = Field("tiny", description="preset for a fresh random model (PRESETS): tiny | small | m1 (MiniMax), "
                         "or tiny-<model type> for another family (tiny-qwen3_5, tiny-kimi_linear, ...)")
     path: str | None = Field(None, description="an HF causal-LM directory to start from instead of a preset")
-    overrides: dict = Field(default_factory=dict, description="config fields (the preset's own config class) applied over the preset")
+    overrides: dict = Field(default_factory=dict, description="config fields (of the preset's own config class) "
+                            "applied over the preset")
     seed: int = Field(0, description="seed for a fresh model's initial weights")
     chat_template: bool = Field(False, description="encode each prompt as one user turn of the tokenizer's chat "
                                 "template, with its generation prompt; false: tok(prompt) (with the tokenizer's "

@@ -1,5 +1,6 @@
 """Every linear-state family through the engine: Gated DeltaNet (Qwen3.5, Qwen3.5-MoE, Qwen3-Next), KDA
-(Kimi Linear, Ling 2.5's bailing_hybrid), Mamba2 (Nemotron-H), each a tiny random model built offline from its preset, in fp32.
+(Kimi Linear, Ling 2.5's bailing_hybrid), Mamba2 (Nemotron-H), each a tiny random model built offline
+from its preset, in fp32.
 MiniMax (lightning) and Llama/Qwen2 (dense) are checked the same way in test_engine.py."""
 import pytest
 import torch
