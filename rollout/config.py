@@ -24,7 +24,9 @@ PRESETS: dict[str, dict] = {
 }
 # One tiny preset per other linear-state family (rollout.families), in its own config class's keys with
 # its `model_type`: random models of each family's layout to try the engine and trainer without weights.
-_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+# Special-token ids are unset: some classes default to ids of their real vocabularies (Kimi's pad is 163839).
+_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+             pad_token_id=None, bos_token_id=None, eos_token_id=None)
 _TINY_GDN = dict(_TINY, num_hidden_layers=4, intermediate_size=128, head_dim=16, linear_key_head_dim=16,
                  linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                  layer_types=["linear_attention"] * 3 + ["full_attention"])
