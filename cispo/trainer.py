@@ -16,6 +16,7 @@ from cispo.data import derive_seed
 from cispo.loss import LossConfig, policy_health, resolve
 from cispo.section import RecipeError
 from cispo.sections import OptimConfig, TrainerConfig
+from rollout.families import family_of
 from rollout.model import load_model, token_logprobs
 
 
@@ -103,7 +104,9 @@ class Trainer:
         if t.zero_stage == 3:
             # Which experts run depends on the tokens, so ranks would gather different modules in different
             # orders and deadlock; a leaf MoE block gathers all its experts at once.
-            deepspeed.utils.set_z3_leaf_modules(causal_lm, [type(causal_lm.model.layers[0].mlp)])
+            leaves = family_of(causal_lm.config).leaf_modules(causal_lm)
+            if leaves:
+                deepspeed.utils.set_z3_leaf_modules(causal_lm, leaves)
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(t, o, self.world_size))

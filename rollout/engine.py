@@ -1,9 +1,10 @@
 """Our decode loop over any supported HF causal LM: continuous batching, shared-prompt prefill,
 counter-based per-row random streams, fp32 logprobs.
 
-Each prompt is prefilled once and its cache replicated for its n samples: MiniMax's linear layers
-hold an O(1) state, so replication costs a [heads, d, d] copy per layer plus the softmax layers' KV
-(dense models: KV only). Finished rows leave the batch at once and queued requests take their place,
+Each prompt is prefilled once and its cache forked for its n samples: a linear-state layer holds an
+O(1) state (rollout.states: a matrix state, plus a short-conv state for GDN, KDA and Mamba2), so
+forking copies those per layer plus the softmax layers' KV (dense models: KV only). Every family
+(rollout.families) runs through the same `StateCache` operations, so this loop knows none of them. Finished rows leave the batch at once and queued requests take their place,
 so a long-tailed batch costs only its live rows. Rows never influence each other: each has its own
 random stream (rollout.sampling), positions and mask.
 
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 
 from rollout.config import ENGINES, RolloutConfig
 from rollout.kernels import use_fla_lightning
-from rollout.model import HybridCache, head_logits, new_cache, use_decode_attention
+from rollout.model import head_logits, new_cache, use_decode_attention
+from rollout.states import StateCache
 from rollout.sampling import sample, seed_key, uniforms
 from rollout.trajectory import Request, SamplingParams, Trajectory
 
@@ -94,7 +96,7 @@ class _Rows:
 @dataclass
 class _Batch:
     """The running rows: their cache, left-padded attention mask, next positions and pending logits."""
-    cache: HybridCache
+    cache: StateCache
     mask: torch.Tensor       # [rows, cache length + pending]; 0 marks padding
     next_pos: torch.Tensor   # [rows] position of each row's next token
     logits: torch.Tensor     # [rows, vocab] fp32, to sample each row's next token from
@@ -156,7 +158,7 @@ def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
                   [batch.samples[r] for r in keep])
 
 
-def decode_step(model, cache: HybridCache, mask: torch.Tensor, positions: torch.Tensor,
+def decode_step(model, cache: StateCache, mask: torch.Tensor, positions: torch.Tensor,
                 tokens: torch.Tensor, head_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Feed each row one token; returns the next logits [rows, vocab] (fp32, from a `head_dtype` head).
 
