@@ -6,26 +6,12 @@ from cispo.filter import filter_by_pass_rate
 from tests.conftest import REPO
 
 
-def by_answer(response: str, answer: str) -> float:
-    """Answers 0 mod 3 always pass, 1 mod 3 never do, 2 mod 3 pass when the response's first character
-    has an even code: sometimes, for a random model sampling from ~20 characters."""
-    kind = int(answer) % 3
-    return 1.0 if kind == 0 else 0.0 if kind == 1 else float(response[:1] != "" and ord(response[0]) % 2 == 0)
-
-
-def by_answer_or_raise(response: str, answer: str) -> float:
-    """by_answer, but the never-solved prompts (1 mod 3) cannot be scored at all."""
-    if int(answer) % 3 == 1:
-        raise RuntimeError("this reward cannot score it")
-    return by_answer(response, answer)
-
-
 def _recipe(tmp_path, reward="by_answer"):
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{a}+0=", "answer": str(a), "level": a}) + "\n" for a in range(9)))
     return load_recipe(REPO / "recipes/tiny-arith.yaml", [
         "data.source=jsonl", f"data.path={rows}", "data.prompts_per_step=9", "rollout.max_new_tokens=4",
-        f"reward.name=tests.cispo.test_filter:{reward}", "run.threads=1"])
+        f"reward.name=tests.rewards.user_rewards:{reward}", "run.threads=1"])
 
 
 def test_filter_keeps_prompts_with_pass_rate_strictly_inside_the_band(ray_session, tmp_path):

@@ -103,3 +103,22 @@ def verl_length_parity(data_source, solution_str, ground_truth, extra_info=None)
     if data_source != "openai/gsm8k" or extra_info.get("split") != "train" or not ground_truth:
         raise ValueError(f"got data_source {data_source!r}, ground_truth {ground_truth!r}, extra_info {extra_info!r}")
     return float(len(solution_str) % 2)
+
+
+# The filter's rewards (tests/cispo/test_filter.py). Here, not there: each scoring process imports the
+# reward's module, and that test module's imports (torch, Ray) took longer than the 10 s scoring timeout
+# on a loaded machine.
+
+
+def by_answer(response: str, answer: str) -> float:
+    """Answers 0 mod 3 always pass, 1 mod 3 never do, 2 mod 3 pass when the response's first character
+    has an even code: sometimes, for a random model sampling from ~20 characters."""
+    kind = int(answer) % 3
+    return 1.0 if kind == 0 else 0.0 if kind == 1 else float(response[:1] != "" and ord(response[0]) % 2 == 0)
+
+
+def by_answer_or_raise(response: str, answer: str) -> float:
+    """by_answer, but the never-solved prompts (1 mod 3) cannot be scored at all."""
+    if int(answer) % 3 == 1:
+        raise RuntimeError("this reward cannot score it")
+    return by_answer(response, answer)
