@@ -155,8 +155,8 @@ def rl_batch(groups: list, algorithm: AlgorithmConfig, max_new_tokens: int, fill
     rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [t.finish_reason for t in trajectories],
                              [len(t.response_ids) for t in trajectories], mode=a.overlong,
                              max_new_tokens=max_new_tokens, buffer=a.overlong_buffer, penalty=a.overlong_penalty)
-    # A sandbox failure is the harness's fault, not the response's: train on neither outcome.
-    keep &= torch.tensor([t.status != "sandbox_error" for t in trajectories])
+    # A sandbox or environment failure is the harness's fault, not the response's: train on neither outcome.
+    keep &= torch.tensor([t.status not in ("sandbox_error", "env_error") for t in trajectories])
     group_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g.trajectories) for g in groups]))
     batch = pad_rows([(t.prompt_ids, t.response_ids) for t in trajectories], filler_id)
     for i, t in enumerate(trajectories):

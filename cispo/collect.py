@@ -70,7 +70,9 @@ def rollout_metrics(groups: list[Group]) -> dict:
             "zero_spread_groups": sum(int(g.rewards.max() == g.rewards.min()) for g in groups),
             # exp(−mean token logprob) of the tokens that train: the 80k stage rule waits for it to settle.
             "response_perplexity": math.exp(-sum(map(sum, trained)) / max(1, sum(map(len, trained)))),
-            **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")}}
+            **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")},
+            **{f"episode_{k}": sum(t.outcomes.get(k, 0) for t in trajectories)
+               for k in dict.fromkeys(k for t in trajectories for k in t.outcomes)}}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -110,6 +112,8 @@ class Collector:
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
         self.rewards = recipe.rewards()  # RecipeError naming the key for a reward that cannot load
         self.rollout_function = rollout_function(recipe)  # likewise for rollout.function
+        if isinstance(self.rollout_function, type):  # a class: built once, with what it needs to know
+            self.rollout_function = self.rollout_function(recipe, tok)
         self.unscored = 0  # responses pass_rates could not score (reward error, timeout, sandbox error)
         # One thread: submitted steps collect in order, each while the caller does something else.
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
@@ -132,7 +136,8 @@ class Collector:
         seeded by its entry in `seeds`, scored by its source's reward. ValueError, one line naming the
         function, when it returns other than one list of n trajectories per prompt."""
         timer = timer or Timer()
-        inputs = [RolloutInput(p.text, self.encode(p), params, seed, n) for p, seed in zip(prompts, seeds)]
+        inputs = [RolloutInput(p.text, self.encode(p), params, seed, n, p.answer, p.source, p.fields)
+                  for p, seed in zip(prompts, seeds)]
         with timer("rollout"):
             out = self.rollout_function(inputs, self.rollout)
         name = self.recipe.rollout.function
@@ -148,8 +153,9 @@ class Collector:
         return [Group(p, ts) for p, ts in zip(prompts, out)]
 
     def _score(self, prompts: list[Prompt], out: list[list[Trajectory]]) -> None:
-        """Set each trajectory's reward and status, as its prompt's source's reward scores its response."""
-        rows = [(p, t) for p, ts in zip(prompts, out) for t in ts]
+        """Set each trajectory's reward and status, as its prompt's source's reward scores its response;
+        one the rollout function already rewarded (status set) keeps its own."""
+        rows = [(p, t) for p, ts in zip(prompts, out) for t in ts if t.status is None]
         texts = self.tok.batch_decode([t.response_ids for _, t in rows], skip_special_tokens=True)
         for name, reward in self.rewards.items():
             mine = [i for i, (p, _) in enumerate(rows) if p.source == name]
