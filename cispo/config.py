@@ -325,8 +325,9 @@ class Recipe(Section):
         return [str(Path.cwd())] + ([str(self._origin.parent.resolve())] if self._origin else [])
 
     def uses_sandbox(self) -> bool:
-        """Whether any data source is scored by running code (reward 'code')."""
-        return any(self.reward.sources.get(s.name, self.reward.name) == "code" for s in self.data.mix())
+        """Whether any data source is scored by running code (reward 'code'), or episodes run a python tool."""
+        return "python" in self.env.tools or \
+            any(self.reward.sources.get(s.name, self.reward.name) == "code" for s in self.data.mix())
 
     @model_validator(mode="after")
     def _consistent(self):

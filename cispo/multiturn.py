@@ -192,7 +192,7 @@ class Episodes:
             self.template = ChatTemplate(tok, tool_role=bool(self.cfg.tools))
             if self.cfg.tools:
                 sandbox.isolation(self.min_isolation)
-        except ValueError as exc:  # SandboxUnavailable is one
+        except (ValueError, sandbox.SandboxUnavailable) as exc:
             raise RecipeError(f"{recipe.where('rollout.function')}: {exc}") from None
 
     def __call__(self, inputs: list[RolloutInput], engine) -> list[list[Trajectory]]:
@@ -204,9 +204,9 @@ class Episodes:
                 if not live:
                     break
                 turns = engine.generate([self._request(x, e, turn) for x, e in live])
-                list(pool.map(lambda xe_t: self._play(*xe_t[0], xe_t[1], last=turn + 1 == self.cfg.max_turns),
-                              zip(live, turns)))
-        return [[self._trajectory(x, e) for e in group] for x, group in zip(inputs, episodes)]
+                last = turn + 1 == self.cfg.max_turns
+                list(pool.map(lambda xe, sampled: self._play(*xe, sampled, last), live, turns))
+        return [[self._trajectory(e) for e in group] for group in episodes]
 
     def _reset(self, x: RolloutInput, sample: int) -> _Episode:
         seed = derive_seed(x.seed, 0, "episode", sample)
@@ -240,6 +240,8 @@ class Episodes:
             return e.finish("token_budget")
         e.outcomes["turn_cap"] += turn.finish_reason == "length"
         if self.cfg.tools and "<tool_call>" in text:
+            if last:  # no turn is left to read the tools' output
+                return e.finish("max_turns")
             replies = self._tools(e, text)
         else:
             try:
@@ -286,7 +288,7 @@ class Episodes:
         log.warning("env %r raised in %s, episode ended: %s: %s", self.cfg.name, method, type(exc).__name__, exc)
         e.finish("env_error")
 
-    def _trajectory(self, x: RolloutInput, e: _Episode) -> Trajectory:
+    def _trajectory(self, e: _Episode) -> Trajectory:
         """The episode's trajectory, rewarded by its environment (status env_error: no turn, or the
         environment failed; it does not train)."""
         t = e.trajectory or Trajectory(list(e.prompt_ids), [], [], [], [], "stop")

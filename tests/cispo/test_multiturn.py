@@ -109,7 +109,7 @@ def test_turns_keep_the_sampled_tokens_and_only_they_train(chat_model_dir):
                      "env.max_turn_tokens=8")
     engine = Recorder(CispoEngine(model, RolloutConfig(), tok.pad_token_id, tok))
     params = SamplingParams(max_new_tokens=200, temperature=1.0)
-    inputs, prompts = _inputs(tok, params)
+    inputs, prompts = _inputs(tok, params, n=2)
     out = Episodes(recipe, tok)(inputs, engine)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     for x, group in zip(inputs, out):
@@ -136,7 +136,7 @@ def test_turns_keep_the_sampled_tokens_and_only_they_train(chat_model_dir):
             assert (forced[trained] - torch.tensor(t.logprobs)[trained]).abs().max() <= 1e-4
     groups = [Group(p, ts) for p, ts in zip(prompts, out)]
     metrics = rollout_metrics(groups)
-    assert metrics["episode_end_max_turns"] == 6 and metrics["episode_turns"] == 18
+    assert metrics["episode_end_max_turns"] == 4 and metrics["episode_turns"] == 12
     batch = rl_batch(groups, recipe.algorithm, max_new_tokens=200, filler_id=tok.eos_token_id)
     assert int(batch.loss_mask.sum()) == sum(sum(t.loss_mask) for ts in out for t in ts)
 
@@ -236,6 +236,8 @@ def test_an_environment_that_cannot_load_is_one_line_naming_the_key(chat_model_d
         with pytest.raises(RecipeError) as err:
             Collector(_recipe(chat_model_dir, override), tok, None, None)
         assert str(err.value).startswith(f"{where}: ") and why in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="command line: key 'env.tools.0' = 'shell': Input should be 'python'"):
+        _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[shell]")
 
 
 @pytest.mark.slow  # 180 s here
@@ -249,5 +251,6 @@ def test_a_gymnasium_environment_trains_through_a_recipe(ray_session, chat_model
     for r in rows:
         assert r["episode_end_max_turns"] + r["episode_end_done"] + r["episode_end_token_budget"] == 16
         assert r["episode_turns"] > 16 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
+        assert r["reward_mean"] > 0  # the environment's rewards, not rescored by the recipe's math reward
         # Inserted tokens have no rollout logprob: had they trained, the IS weight would sit far from 1.
         assert abs(r["is_weight_mean"] - 1) < 0.01 and r["approx_kl"] < 1e-3
