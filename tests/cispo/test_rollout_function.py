@@ -1,6 +1,7 @@
 """A rollout function in the user's own module, named by `rollout.function`: it calls the engine twice and
 splices in a tool's output that must not train; the batch masks those tokens, so they get no gradient."""
 import math
+from contextlib import closing
 
 import pytest
 import torch
@@ -8,10 +9,11 @@ import torch
 from cispo.batching import rl_batch
 from cispo.collect import Collector, Group, rollout_function
 from cispo.config import RecipeError, load_recipe
-from cispo.data import Prompt
+from cispo.data import Prompt, PromptSource
 from cispo.loop import train
 from cispo.loss import policy_loss
-from cispo.metrics import read_metrics
+from cispo.metrics import Timer, read_metrics
+from rewards.pool import ScoringPool
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
 from rollout.model import load_model
@@ -65,6 +67,20 @@ def test_tokens_the_policy_did_not_sample_get_no_gradient(tiny_model_dir, tiny_t
     assert (logprobs.grad[tool] == 0).all()
     trained = batch.loss_mask.bool() & (batch.advantages != 0).unsqueeze(1)
     assert trained.sum() > 0 and (logprobs.grad[trained] != 0).all()
+
+
+def test_pending_steps_queue_in_order_and_give_what_a_step_alone_gives(tiny_model_dir, tiny_tokenizer):
+    """Two steps submitted back to back (as an asynchronous loop would) collect what each gives alone."""
+    recipe = load_recipe(RECIPE, ["data.eval_size=4", "data.prompts_per_step=2", "rollout.n_samples=2",
+                                  "algorithm.dynamic_sampling=false", "reward.num_workers=1"])
+    engine = CispoEngine(load_model(tiny_model_dir), RolloutConfig(), tiny_tokenizer.pad_token_id, tiny_tokenizer)
+    source = PromptSource(recipe.data, recipe.run.seed)
+    view = lambda groups: [(g.prompt.text, t.response_ids, t.reward) for g in groups for t in g.trajectories]
+    with ScoringPool(1, 10.0) as scorer, closing(Collector(recipe, tiny_tokenizer, engine, scorer)) as collector:
+        pending = [collector.submit(step, source, 6, Timer()) for step in (1, 2)]
+        queued = [view(p.result()[1]) for p in pending]
+        alone = [view(collector.submit(step, source, 6, Timer()).result()[1]) for step in (2, 1)][::-1]
+    assert queued == alone and queued[0] != queued[1]
 
 
 def test_a_rollout_function_that_cannot_load_is_one_line_naming_the_key(tiny_tokenizer):
