@@ -54,12 +54,13 @@ class Group:
 
     @property
     def valid(self) -> torch.Tensor:
-        """[G] bool: the responses whose reward judged them. A sandbox failure is the harness's fault, not
-        the response's: it is left out of the group's baseline and spread (cispo.advantages), so dynamic
+        """[G] bool: the responses whose reward judged them. A sandbox or environment failure (sandbox_error,
+        env_error) is the harness's fault, not the response's: it is left out of the group's baseline and spread (cispo.advantages), so dynamic
         sampling sees what the real outcomes say, and gets no loss (verl PR #6375). A reward error or
         timeout still scores 0: a response can cause either (a program that runs too long, text the
         reward chokes on)."""
-        return torch.tensor([t.status != "sandbox_error" for t in self.trajectories], dtype=torch.bool)
+        return torch.tensor([t.status not in ("sandbox_error", "env_error") for t in self.trajectories],
+                            dtype=torch.bool)
 
 
 def passed(group: Group) -> list[bool]:
@@ -81,7 +82,9 @@ def rollout_metrics(groups: list[Group]) -> dict:
             "zero_spread_groups": sum(not has_spread(g.rewards[g.valid]) for g in groups),
             # exp(−mean token logprob) of the tokens that train: the 80k stage rule waits for it to settle.
             "response_perplexity": math.exp(-sum(map(sum, trained)) / max(1, sum(map(len, trained)))),
-            **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")}}
+            **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")},
+            **{f"episode_{k}": sum(t.outcomes.get(k, 0) for t in trajectories)
+               for k in dict.fromkeys(k for t in trajectories for k in t.outcomes)}}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -121,6 +124,8 @@ class Collector:
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
         self.rewards = recipe.rewards()  # RecipeError naming the key for a reward that cannot load
         self.rollout_function = rollout_function(recipe)  # likewise for rollout.function
+        if isinstance(self.rollout_function, type):  # a class: built once, with what it needs to know
+            self.rollout_function = self.rollout_function(recipe, tok)
         self.unscored = 0  # responses pass_rates could not score (reward error, timeout, sandbox error)
         # One thread: submitted steps collect in order, each while the caller does something else.
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
@@ -143,7 +148,8 @@ class Collector:
         seeded by its entry in `seeds`, scored by its source's reward. ValueError, one line naming the
         function, when it returns other than one list of n trajectories per prompt."""
         timer = timer or Timer()
-        inputs = [RolloutInput(p.text, self.encode(p), params, seed, n) for p, seed in zip(prompts, seeds)]
+        inputs = [RolloutInput(p.text, self.encode(p), params, seed, n, p.answer, p.source, p.fields)
+                  for p, seed in zip(prompts, seeds)]
         with timer("rollout"):
             out = self.rollout_function(inputs, self.rollout)
         name = self.recipe.rollout.function
@@ -159,8 +165,9 @@ class Collector:
         return [Group(p, ts) for p, ts in zip(prompts, out)]
 
     def _score(self, prompts: list[Prompt], out: list[list[Trajectory]]) -> None:
-        """Set each trajectory's reward and status, as its prompt's source's reward scores its response."""
-        rows = [(p, t) for p, ts in zip(prompts, out) for t in ts]
+        """Set each trajectory's reward and status, as its prompt's source's reward scores its response;
+        one the rollout function already rewarded (status set) keeps its own."""
+        rows = [(p, t) for p, ts in zip(prompts, out) for t in ts if t.status is None]
         texts = self.tok.batch_decode([t.response_ids for _, t in rows], skip_special_tokens=True)
         for name in dict.fromkeys(p.source for p, _ in rows):
             if name not in self.rewards:  # a row's own source (a mapped source column, verl's data_source)

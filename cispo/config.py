@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_valid
 from cispo import loss as losses
 from cispo.advantages import ESTIMATORS
 from cispo.section import RecipeError, Section, choices
-from cispo.sections import (AlgorithmConfig, DataConfig, EvalConfig, OptimConfig, ResourcesConfig, RunConfig,
+from cispo.sections import (AlgorithmConfig, DataConfig, EnvConfig, EvalConfig, OptimConfig, ResourcesConfig, RunConfig,
                             SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
 from rewards.config import RewardConfig
 from rollout.config import ModelConfig, RolloutConfig
@@ -28,6 +28,7 @@ class Recipe(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -72,8 +73,9 @@ class Recipe(Section):
         return [str(Path.cwd())] + ([str(self._origin.parent.resolve())] if self._origin else [])
 
     def uses_sandbox(self) -> bool:
-        """Whether any data source is scored by running code (reward 'code')."""
-        return any(self.reward.sources.get(s.name, self.reward.name) == "code" for s in self.data.mix())
+        """Whether any data source is scored by running code (reward 'code'), or episodes run a python tool."""
+        return "python" in self.env.tools or \
+            any(self.reward.sources.get(s.name, self.reward.name) == "code" for s in self.data.mix())
 
     @model_validator(mode="after")
     def _consistent(self):

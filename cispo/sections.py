@@ -183,6 +183,23 @@ class EvalConfig(Section):
         return self
 
 
+class EnvConfig(Section):
+    """Multi-turn episodes against an environment: read by `rollout.function: cispo.multiturn:Episodes`.
+    An episode's token budget across its turns (sampled and inserted tokens) is rollout.max_new_tokens."""
+    name: str | None = Field(None, description="the environment class, 'module:Class' (cispo.env): a subclass of "
+                             "cispo.env.Environment, or a Gymnasium-style text environment; imported from the working "
+                             "directory, the recipe's directory and sys.path")
+    tools: list[Literal["python"]] = Field(default_factory=list, description="tools the model may call with "
+                                           "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>: python runs "
+                                           "its 'code' argument in the code sandbox (at reward.min_isolation); its "
+                                           "output is the next turn's observation")
+    max_turns: int = Field(4, ge=1, description="most model turns per episode")
+    max_turn_tokens: int = Field(256, ge=1, description="most tokens one model turn samples")
+    tool_timeout_s: float = Field(5.0, gt=0, description="CPU seconds one tool call may run")
+    tool_memory_mb: int = Field(512, ge=64, description="address-space limit of one tool call")
+    max_observation_chars: int = Field(2000, ge=1, description="a tool's output is cut to this many characters")
+
+
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline writes under "
                                                            "RUN_DIR/wandb (wandb sync uploads it later)")

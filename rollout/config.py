@@ -117,7 +117,8 @@ class RolloutConfig(Section):
     function: str = Field("rollout.trajectory:single_turn", description="the rollout function, 'module:fn' "
                           "(rollout.trajectory.RolloutFunction), imported from the working directory, the recipe's "
                           "directory and sys.path: it turns a draw's prompts into trajectories by calling the engine, "
-                          "and marks which tokens train")
+                          "and marks which tokens train; a class there is built once as Class(recipe, tokenizer) "
+                          "and its instance called. cispo.multiturn:Episodes plays multi-turn episodes (env.*)")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
                                                    "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 

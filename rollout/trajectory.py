@@ -49,7 +49,11 @@ class Trajectory:
       engine held, 0 for the starting model); -1 for a token the policy did not sample.
     `finish_reason` is how the last sampling call ended: stop | length | repetition. `reward` and
     `status` are set by scoring (cispo.collect): the score, and ok | error | timeout | sandbox_error
-    (only ok scores are the response's own; the others are the scorer's fallback); None before.
+    (only ok scores are the response's own; the others are the scorer's fallback); None before. A
+    rollout function that rewards its samples itself (an environment's return) sets both, and scoring
+    leaves them; its status env_error means the environment failed, so the sample does not train.
+    `outcomes` counts what happened in the sample (a multi-turn episode's turns, tool results, why it
+    ended), summed over a draw into the rollout metrics as `episode_<name>`.
     """
     prompt_ids: list[int]
     response_ids: list[int]
@@ -59,6 +63,7 @@ class Trajectory:
     finish_reason: str
     reward: float | None = None
     status: str | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def sampled(cls, prompt_ids: list[int], response_ids: list[int], logprobs: list[float], finish_reason: str,
@@ -85,7 +90,8 @@ class Trajectory:
 class RolloutInput:
     """One prompt of a draw, as a rollout function receives it: its text, its token ids (as the
     tokenizer or chat template encodes it), the recipe's sampling parameters (their `max_new_tokens`
-    is the step's budget), the seed of its random streams and n, the samples it wants.
+    is the step's budget), the seed of its random streams and n, the samples it wants; then the data
+    row's answer, source name and other columns (what an environment resets to).
 
     A function that calls the engine again for the same sample (a second turn) should seed that call
     apart, e.g. `seed + turn`: a call's streams restart at response position 0.
@@ -95,6 +101,9 @@ class RolloutInput:
     params: SamplingParams
     seed: int
     n: int
+    answer: str = ""
+    source: str = ""
+    fields: dict = field(default_factory=dict)
 
     def request(self) -> Request:
         return Request(self.prompt_ids, n=self.n, seed=self.seed, params=self.params)
@@ -102,7 +111,8 @@ class RolloutInput:
 
 # fn(inputs, engine) -> one list of n trajectories per input, in input order. `engine` offers
 # `generate(requests: list[Request]) -> list[Trajectory]` (request order, then sample order), one
-# batch over every rollout worker per call.
+# batch over every rollout worker per call. A recipe may name a class instead: cispo.collect builds it once as
+# `Class(recipe, tokenizer)` and calls the instance (cispo.multiturn.Episodes is one).
 RolloutFunction = Callable[[list[RolloutInput], object], list[list[Trajectory]]]
 
 
