@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_valid
 from cispo import loss as losses
 from cispo.advantages import ESTIMATORS
 from cispo.section import RecipeError, Section, choices
-from cispo.sections import (AlgorithmConfig, DataConfig, EnvConfig, EvalConfig, OptimConfig, ResourcesConfig, RunConfig,
-                            SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
+from cispo.sections import (AlgorithmConfig, DataConfig, EnvConfig, EvalConfig, OptimConfig, ResourcesConfig,
+                            RunConfig, SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
 from rewards.config import RewardConfig
 from rollout.config import ModelConfig, RolloutConfig
 
