@@ -40,9 +40,9 @@ def test_logprobs_match_teacher_forced_forward_across_forks_joins_and_leaves(mon
                 for i, (p, b) in enumerate(zip(PROMPTS + [[1, 4]], [14, 3, 8, 6]))]
     out = generate(model, requests, pad_id=0, max_batch_rows=4)
     assert sum(1 for j in joins if j) >= 2, joins
-    worst = max(float((teacher_forced(reference, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+    worst = max(float((teacher_forced(reference, c.prompt_ids, c.response_ids, temperature=0.8)
                        - torch.tensor(c.logprobs)).abs().max()) for c in out)
-    print(f"{preset}: max |Δlogprob| {worst:.2e} over {sum(len(c.token_ids) for c in out)} tokens")
+    print(f"{preset}: max |Δlogprob| {worst:.2e} over {sum(len(c.response_ids) for c in out)} tokens")
     assert worst < 1e-4
 
 
@@ -54,7 +54,7 @@ def test_greedy_tokens_equal_hf_generate(preset):
         ids = torch.tensor([prompt])
         hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                             pad_token_id=0, eos_token_id=None)
-        assert c.token_ids == hf[0, len(prompt):].tolist()
+        assert c.response_ids == hf[0, len(prompt):].tolist()
 
 
 def _prefill(model, prompts):
