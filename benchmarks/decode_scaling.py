@@ -13,6 +13,10 @@ through the engine's decode step; the median per-token time is reported, with th
 state memory (linear states + KV).
 
     python benchmarks/decode_scaling.py [--steps 16] [--threads 1] [--kv-heads 1] [--attention decode|sdpa]
+        [--families tiny-qwen3_5 tiny-kimi_linear tiny-nemotron_h]
+
+`--families` adds tiny presets of other linear-state families (hidden 64), each beside its twin with
+every linear layer made softmax; their linear layers run transformers' torch path.
 
 Prints one JSON line.
 """
@@ -26,27 +30,33 @@ import time
 import torch
 
 from rollout.engine import decode_step
-from rollout.model import build_hybrid, new_cache, use_decode_attention
+from rollout.config import PRESETS
+from rollout.model import build_hybrid, build_model, new_cache, use_decode_attention
+from rollout.states import KVSlot, RecurrentSlot
 
 CONTEXTS, VOCAB = (1024, 8192, 32768), 4096
 
 
 def cache_at_context(model, rows: int, context: int):
     """A cache of `rows` sequences holding `context` positions of random state, on the model's device."""
-    device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+    device, dtype = model.lm_head.weight.device, model.get_input_embeddings().weight.dtype
     cache = new_cache(model)
     model.model(input_ids=torch.full((rows, 1), 5, device=device), cache=cache, use_cache=True)
-    cache.linear_cache = [torch.randn_like(s) * 0.01 if isinstance(s, torch.Tensor) else s for s in cache.linear_cache]
-    for layer in cache.layers:
-        if layer.is_initialized:
-            shape = (*layer.keys.shape[:2], context, layer.keys.shape[-1])
-            layer.set(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+    for slot in cache.layers:
+        if isinstance(slot, RecurrentSlot):  # matrix and conv states: their values do not change the cost
+            for states in (slot.conv_states, slot.recurrent_states):
+                states.update({i: torch.randn_like(t) * 0.01 for i, t in states.items() if t is not None})
+        elif isinstance(slot, KVSlot):
+            shape = (*slot.keys.shape[:2], context, slot.keys.shape[-1])
+            slot.set(torch.randn(shape, device=device, dtype=dtype),
+                     torch.randn((*shape[:3], slot.values.shape[-1]), device=device, dtype=dtype))
     return cache
 
 
 def state_mib(cache) -> float:
-    tensors = [s for s in cache.linear_cache if isinstance(s, torch.Tensor)]
-    tensors += [t for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+    tensors = [t for slot in cache.layers if isinstance(slot, RecurrentSlot)
+               for t in (*slot.conv_states.values(), *slot.recurrent_states.values()) if t is not None]
+    tensors += [t for slot in cache.layers if isinstance(slot, KVSlot) for t in (slot.keys, slot.values)]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
@@ -77,12 +87,20 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--attention", choices=["decode", "sdpa"], default="decode",
                     help="softmax layers' kernel: rollout.model's decode attention (the workers') or SDPA")
+    ap.add_argument("--families", nargs="*", default=[], metavar="PRESET",
+                    help="also time these tiny family presets (e.g. tiny-qwen3_5 tiny-kimi_linear tiny-nemotron_h), "
+                         "each beside its all-softmax twin")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = dict(num_key_value_heads=args.kv_heads)
     models = {"hybrid": build_hybrid("small", VOCAB, **shape).eval(),
               "softmax": build_hybrid("small", VOCAB, layer_types=["full_attention"] * 8, **shape).eval()}
+    for preset in args.families:
+        models[preset] = build_model(preset, VOCAB).eval()
+        key = "layers_block_type" if "layers_block_type" in PRESETS[preset] else "layer_types"
+        softmax = ["full_attention" if t == "linear_attention" else t for t in PRESETS[preset][key]]
+        models[f"{preset}-softmax"] = build_model(preset, VOCAB, **{key: softmax}).eval()
     if args.attention == "decode":
         for model in models.values():
             use_decode_attention(model)

@@ -26,8 +26,7 @@ On the GPU test machine (../shared/gpu/README.md): fill .whl/ with fetch-wheels.
 .whl/ and a copy of ray_inprocess/, then run
 `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
 `PYTHONPATH=RAY_INPROCESS_COPY:/tmp/site:$PWD python3 benchmarks/gpu_check.py --recipe`.
-The stand-in has no `ray.get_gpu_ids`, which RolloutWorker reads: `--recipe` needs it added there
-(returning [0]); the other checks call no worker.
+The stand-in has no `ray.get_gpu_ids`; RolloutWorker then takes every visible GPU as its own.
 
 The model: hidden 1024, 8 layers in M1's 7:1 layout, 16 heads of 64 (2 KV heads), 8 experts top-2 of
 width 1024, a 32k vocabulary (--cpu: the "small" preset with a 4k vocabulary, shorter contexts).
@@ -49,7 +48,8 @@ import torch
 from decode_scaling import per_step_seconds
 from rollout_throughput import budgets, run_engine, run_hf
 from rollout.config import RolloutConfig
-from rollout.engine import CispoEngine, Request, SamplingParams
+from rollout.engine import CispoEngine
+from rollout.trajectory import Request, SamplingParams
 from rollout.model import build_hybrid, fp32_logits
 from rollout.sampling import sample, uniforms
 
@@ -82,11 +82,11 @@ def check_logprobs(args) -> None:
     worst = 0.0
     with torch.no_grad():
         for c in out:
-            prompt = prompts[c.request_index]
-            ids = torch.tensor([prompt + c.token_ids], device=args.device)
+            prompt = c.prompt_ids
+            ids = torch.tensor([prompt + c.response_ids], device=args.device)
             hidden = reference.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1]
             logp = torch.log_softmax(fp32_logits(reference, hidden) / 0.8, -1)
-            expected = logp.gather(1, torch.tensor(c.token_ids, device=args.device)[:, None])[:, 0].cpu()
+            expected = logp.gather(1, torch.tensor(c.response_ids, device=args.device)[:, None])[:, 0].cpu()
             worst = max(worst, float((expected - torch.tensor(c.logprobs)).abs().max()))
         rows = 4096
         logits = torch.randn(rows, args.vocab, generator=g)

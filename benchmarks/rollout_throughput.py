@@ -22,7 +22,8 @@ import time
 import torch
 
 from rollout.config import RolloutConfig
-from rollout.engine import CispoEngine, Request, SamplingParams
+from rollout.engine import CispoEngine
+from rollout.trajectory import Request, SamplingParams
 from rollout.model import build_hybrid, new_cache
 
 VOCAB, PROMPTS, SAMPLES, PROMPT_LEN = 4096, 8, 8, 32
@@ -40,7 +41,7 @@ def run_engine(engine, prompts, lengths) -> float:
                 for i, (p, b) in enumerate(zip(prompts, lengths))]
     t0 = time.perf_counter()
     out = engine.generate(requests)
-    assert [len(c.token_ids) for c in out] == [b for b in lengths for _ in range(SAMPLES)]
+    assert [len(c.response_ids) for c in out] == [b for b in lengths for _ in range(SAMPLES)]
     return time.perf_counter() - t0
 
 

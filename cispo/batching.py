@@ -29,6 +29,8 @@ class TrainBatch:
     - old_logprobs [B, T-1] float, log π_old of each response token (rollout-time, fp32 head), 0 elsewhere;
     - advantages [B] float, A_i of each response (cispo.advantages);
     - group_index [B] long, the prompt group of each row (group normalization, whole-group minibatches);
+    - versions [B, T-1] long, the weight version that sampled each response token (rollout.trajectory),
+      -1 for a token the policy did not sample, 0 elsewhere;
     - weights [B, T-1] float or None, per-token loss weights of the whole minibatch (set by `shard`).
     """
     input_ids: torch.Tensor
@@ -37,6 +39,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor
     advantages: torch.Tensor
     group_index: torch.Tensor
+    versions: torch.Tensor
     weights: torch.Tensor | None = None
 
     def rows(self, index, width: int | None = None) -> TrainBatch:
@@ -126,8 +129,8 @@ def shard(batch: TrainBatch, rows: torch.Tensor, normalization: str, ranks: int,
 
 def pad_rows(rows: list[tuple[list[int], list[int]]], filler_id: int) -> TrainBatch:
     """[prompt + response] token rows as a TrainBatch, right-padded (exact for a causal model), with the
-    loss mask over the response targets, each row its own group, and zero old logprobs and advantages
-    (the supervised warm start's batch; the RL batch fills them in).
+    loss mask over the response targets, each row its own group, and zero old logprobs, advantages and
+    versions (the supervised warm start's batch; the RL batch fills them in).
 
     Fill with a real token such as EOS, not the pad id: the pad embedding is all zeros, and zero rows
     gave NaN gradients in layer 0's lightning attention (measured on this model; grads finite otherwise).
@@ -139,25 +142,28 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], filler_id: int) -> TrainBa
         ids[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
     lengths = torch.tensor([len(p) + len(r) for p, r in rows])
-    return TrainBatch(ids, mask, lengths, torch.zeros_like(mask), torch.zeros(len(rows)), torch.arange(len(rows)))
+    return TrainBatch(ids, mask, lengths, torch.zeros_like(mask), torch.zeros(len(rows)), torch.arange(len(rows)),
+                      torch.zeros_like(mask, dtype=torch.long))
 
 
-def rl_batch(groups: list, algorithm: AlgorithmConfig, window: int, filler_id: int) -> TrainBatch:
-    """The training batch of one step's kept groups (cispo.collect.Group): the recipe's overlong rule,
-    advantages (Eq. 2 or the recipe's estimator), and each response's rollout logprobs as π_old."""
+def rl_batch(groups: list, algorithm: AlgorithmConfig, max_new_tokens: int, filler_id: int) -> TrainBatch:
+    """The training batch of one step's kept groups (cispo.collect.Group): the recipe's overlong rule
+    (against the step's `max_new_tokens`), advantages (Eq. 2 or the recipe's estimator), and from each
+    trajectory its loss mask, its rollout logprobs as π_old and its tokens' weight versions."""
     a = algorithm
-    completions = [c for g in groups for c in g.completions]
-    rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [c.finish_reason for c in completions],
-                             [len(c.token_ids) for c in completions], mode=a.overlong, budget=window,
-                             buffer=a.overlong_buffer, penalty=a.overlong_penalty)
-    # A sandbox failure is the harness's fault, not the response's: train on neither outcome.
-    keep &= torch.tensor([s != "sandbox_error" for g in groups for s in g.statuses])
-    group_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g.completions) for g in groups]))
-    rows = [(g.prompt_ids, c.token_ids) for g in groups for c in g.completions]
-    batch = pad_rows(rows, filler_id)
-    batch.loss_mask *= keep.unsqueeze(1)
-    for i, ((prompt, _), c) in enumerate(zip(rows, completions)):
-        batch.old_logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
+    trajectories = [t for g in groups for t in g.trajectories]
+    rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [t.finish_reason for t in trajectories],
+                             [len(t.response_ids) for t in trajectories], mode=a.overlong,
+                             max_new_tokens=max_new_tokens, buffer=a.overlong_buffer, penalty=a.overlong_penalty)
+    valid = torch.cat([g.valid for g in groups])  # a sandbox failure: out of the baseline, no loss (Group.valid)
+    keep &= valid
+    group_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g.trajectories) for g in groups]))
+    batch = pad_rows([(t.prompt_ids, t.response_ids) for t in trajectories], filler_id)
+    for i, t in enumerate(trajectories):
+        span = slice(len(t.prompt_ids) - 1, len(t.prompt_ids) - 1 + len(t.response_ids))  # targets of the response
+        batch.loss_mask[i, span] = torch.tensor(t.loss_mask, dtype=batch.loss_mask.dtype) * keep[i]
+        batch.old_logprobs[i, span] = torch.tensor(t.logprobs)
+        batch.versions[i, span] = torch.tensor(t.versions)
     batch.group_index = group_index
-    batch.advantages = advantages(rewards, group_index, a.advantage)
+    batch.advantages = advantages(rewards, group_index, a.advantage, valid=valid)
     return batch

@@ -1,14 +1,16 @@
-"""The one collection path: prompts -> requests -> completions -> scored groups.
+"""The one collection path: prompts -> the recipe's rollout function -> trajectories -> scored groups.
 
 Training (with dynamic sampling's refill), `cispo eval` and `cispo filter` all collect through a
 `Collector`, so they cannot disagree on how a prompt becomes token ids, how requests are seeded, which
-sampling parameters apply, or which reward scores which data source.
+sampling parameters apply, which rollout function runs (`rollout.function`), or which reward scores
+which data source.
 """
 from __future__ import annotations
 
 import math
 import statistics
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,55 +18,69 @@ import torch
 from cispo.config import Recipe, RecipeError
 from cispo.data import Prompt, PromptSource, derive_seed
 from cispo.metrics import Timer, percentile
-from cispo.sampling import dynamic_sample
+from cispo.sampling import dynamic_sample, has_spread
+from rewards.plugins import import_function
 from rewards.pool import ScoringPool
 from rewards.types import RewardInput
-from rollout.engine import Completion, Request, SamplingParams
 from rollout.model import load_tokenizer
+from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
 from rollout.worker import RolloutPool
 
 
-def encode_prompt(tok, text: str, chat_template: bool = False) -> list[int]:
+def encode_prompt(tok, text: str, chat_template: bool = False, messages: tuple = ()) -> list[int]:
     """A prompt's token ids, exactly as a user of the exported model gets them: `tok(text)` (the
     tokenizer adds its own special tokens, e.g. BOS), or with `chat_template` the tokenizer's chat
-    template around one user turn, ending with the generation prompt."""
-    if not chat_template:
+    template around one user turn, ending with the generation prompt. A prompt the data gives as chat
+    `messages` (verl's) always goes through the chat template, as verl encodes it."""
+    if not chat_template and not messages:
         return tok(text)["input_ids"]
     if not tok.chat_template:
-        raise RecipeError("model.chat_template=true but the tokenizer has no chat template")
-    messages = [{"role": "user", "content": text}]
+        raise RecipeError("the data's prompts are chat messages but the tokenizer has no chat template" if messages
+                          else "model.chat_template=true but the tokenizer has no chat template")
+    messages = list(messages) or [{"role": "user", "content": text}]
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
 
 @dataclass
 class Group:
-    """One prompt's G responses and their rewards."""
+    """One prompt's G scored trajectories (each with its reward and status)."""
     prompt: Prompt
-    prompt_ids: list[int]
-    completions: list[Completion]
-    rewards: torch.Tensor  # [G]
-    statuses: list[str]    # ok | error | timeout | sandbox_error, per response
+    trajectories: list[Trajectory]
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        """[G] float32, the trajectories' rewards."""
+        return torch.tensor([t.reward for t in self.trajectories], dtype=torch.float32)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[G] bool: the responses whose reward judged them. A sandbox failure is the harness's fault, not
+        the response's: it is left out of the group's baseline and spread (cispo.advantages), so dynamic
+        sampling sees what the real outcomes say, and gets no loss (verl PR #6375). A reward error or
+        timeout still scores 0: a response can cause either (a program that runs too long, text the
+        reward chokes on)."""
+        return torch.tensor([t.status != "sandbox_error" for t in self.trajectories], dtype=torch.bool)
 
 
 def passed(group: Group) -> list[bool]:
     """Pass or fail for each response whose reward could be computed (status ok); a pass is a full score:
     every test for code, a correct answer for math. A response that errored or timed out is neither."""
-    return [float(r) >= 1.0 for r, s in zip(group.rewards, group.statuses) if s == "ok"]
+    return [t.reward >= 1.0 for t in group.trajectories if t.status == "ok"]
 
 
 def rollout_metrics(groups: list[Group]) -> dict:
     """What one draw of scored groups looked like, before dynamic sampling chose."""
-    completions = [c for g in groups for c in g.completions]
-    lengths = [len(c.token_ids) for c in completions]
-    statuses = [s for g in groups for s in g.statuses]
+    trajectories = [t for g in groups for t in g.trajectories]
+    lengths = [len(t.response_ids) for t in trajectories]
+    statuses = [t.status for t in trajectories]
+    trained = [[lp for lp, m in zip(t.logprobs, t.loss_mask) if m] for t in trajectories]
     return {"reward_mean": float(torch.cat([g.rewards for g in groups]).mean()),
             "response_length_mean": statistics.fmean(lengths), "response_length_p99": percentile(lengths, 99),
-            "finish_length_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            "finish_repetition_fraction": sum(c.finish_reason == "repetition" for c in completions) / len(completions),
-            "zero_spread_groups": sum(int(g.rewards.max() == g.rewards.min()) for g in groups),
-            # exp(−mean token logprob) of what was generated: the 80k stage rule waits for it to settle.
-            "response_perplexity": math.exp(-sum(sum(c.logprobs) for c in completions)
-                                            / max(1, sum(len(c.logprobs) for c in completions))),
+            "finish_length_fraction": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+            "finish_repetition_fraction": sum(t.finish_reason == "repetition" for t in trajectories) / len(trajectories),
+            "zero_spread_groups": sum(not has_spread(g.rewards[g.valid]) for g in groups),
+            # exp(−mean token logprob) of the tokens that train: the 80k stage rule waits for it to settle.
+            "response_perplexity": math.exp(-sum(map(sum, trained)) / max(1, sum(map(len, trained)))),
             **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")}}
 
 
@@ -73,14 +89,41 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def rollout_function(recipe: Recipe):
+    """The recipe's `rollout.function` ('module:fn', rollout.trajectory.RolloutFunction), imported like a
+    user's reward: from the working directory, the recipe's directory and sys.path. Raises RecipeError,
+    one line naming the key, its value and where it was set, when it cannot be imported."""
+    name = recipe.rollout.function
+    try:
+        return import_function(name, recipe.search_dirs(), kind="rollout function")
+    except ValueError as exc:
+        why = str(exc).removeprefix(f"rollout function {name!r}: ")
+        raise RecipeError(f"{recipe.where('rollout.function')}: key 'rollout.function' = {name!r}: {why}") from None
+
+
+@dataclass
+class PendingStep:
+    """One RL step's collection, running on the collector's background thread. `result()` waits for it
+    and returns (the first draw's groups, the groups to train on, the dynamic-sampling counts), or
+    raises what the collection raised."""
+    future: Future
+
+    def result(self) -> tuple[list[Group], list[Group], dict]:
+        return self.future.result()
+
+
 class Collector:
-    """Generates and scores responses for a recipe: `rollout` is anything with `submit(requests)`
-    (cispo's RolloutPool), `scorer` a ScoringPool; the reward of each data source comes from the recipe."""
+    """Generates and scores responses for a recipe: `rollout` is the engine handle the recipe's rollout
+    function calls (cispo's RolloutPool: `generate(requests)`), `scorer` a ScoringPool; the reward of
+    each data source comes from the recipe. `close()` ends the background thread of `submit`."""
 
     def __init__(self, recipe: Recipe, tok, rollout, scorer: ScoringPool):
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
         self.rewards = recipe.rewards()  # RecipeError naming the key for a reward that cannot load
+        self.rollout_function = rollout_function(recipe)  # likewise for rollout.function
         self.unscored = 0  # responses pass_rates could not score (reward error, timeout, sandbox error)
+        # One thread: submitted steps collect in order, each while the caller does something else.
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
 
     def sampling(self, temperature: float | None = None, max_new_tokens: int | None = None) -> SamplingParams:
         """The recipe's sampling parameters, at another temperature (0: greedy) or budget if given."""
@@ -92,41 +135,57 @@ class Collector:
                               repetition_prob=r.repetition_prob)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        return encode_prompt(self.tok, prompt.text, self.recipe.model.chat_template)
+        return encode_prompt(self.tok, prompt.text, self.recipe.model.chat_template, prompt.messages)
 
     def collect(self, prompts: list[Prompt], seeds: list[int], params: SamplingParams, n: int,
                 timer: Timer | None = None) -> list[Group]:
-        """n responses per prompt, each request seeded by its entry in `seeds`, scored by its source's reward."""
+        """n trajectories per prompt from the recipe's rollout function, each prompt's random streams
+        seeded by its entry in `seeds`, scored by its source's reward. ValueError, one line naming the
+        function, when it returns other than one list of n trajectories per prompt."""
         timer = timer or Timer()
-        ids = [self.encode(p) for p in prompts]
-        requests = [Request(i, n=n, seed=seed, params=params) for i, seed in zip(ids, seeds)]
+        inputs = [RolloutInput(p.text, self.encode(p), params, seed, n) for p, seed in zip(prompts, seeds)]
         with timer("rollout"):
-            completions = self.rollout.submit(requests).result()
+            out = self.rollout_function(inputs, self.rollout)
+        name = self.recipe.rollout.function
+        if len(out) != len(inputs) or any(len(ts) != n for ts in out):
+            raise ValueError(f"rollout function {name!r} returned {[len(ts) for ts in out]} trajectories for "
+                             f"{len(inputs)} prompts of {n} samples each")
+        for t in (t for ts in out for t in ts):
+            if not len(t.response_ids) == len(t.logprobs) == len(t.loss_mask) == len(t.versions):
+                raise ValueError(f"rollout function {name!r}: a trajectory's response_ids, logprobs, loss_mask "
+                                 f"and versions differ in length")
         with timer("reward"):
-            rewards, statuses = self._score(prompts, completions)
-        return [Group(p, ids[i], completions[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n],
-                      statuses[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]
+            self._score(prompts, out)
+        return [Group(p, ts) for p, ts in zip(prompts, out)]
 
-    def _score(self, prompts: list[Prompt], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:
-        texts = self.tok.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        results = [None] * len(completions)
-        for name, reward in self.rewards.items():
-            rows = [i for i, c in enumerate(completions) if prompts[c.request_index].source == name]
-            inputs = [RewardInput(p.text, texts[i], p.answer, p.source, tuple(completions[i].token_ids), p.fields)
-                      for i in rows for p in [prompts[completions[i].request_index]]]
-            for i, result in zip(rows, self.scorer.map(reward, inputs)):
-                results[i] = result
-        return torch.tensor([r.score for r in results]), [r.status for r in results]
+    def _score(self, prompts: list[Prompt], out: list[list[Trajectory]]) -> None:
+        """Set each trajectory's reward and status, as its prompt's source's reward scores its response."""
+        rows = [(p, t) for p, ts in zip(prompts, out) for t in ts]
+        texts = self.tok.batch_decode([t.response_ids for _, t in rows], skip_special_tokens=True)
+        for name in dict.fromkeys(p.source for p, _ in rows):
+            if name not in self.rewards:  # a row's own source (a mapped source column, verl's data_source)
+                self.rewards[name] = self.recipe.source_reward(name)
+            reward = self.rewards[name]
+            mine = [i for i, (p, _) in enumerate(rows) if p.source == name]
+            inputs = [RewardInput(p.text, texts[i], p.answer, p.source, tuple(t.response_ids), p.fields)
+                      for i in mine for p, t in [rows[i]]]
+            for i, result in zip(mine, self.scorer.map(reward, inputs)):
+                rows[i][1].reward, rows[i][1].status = result.score, result.status
 
-    def step(self, source: PromptSource, step: int, window: int, timer: Timer) -> tuple[list[Group], list[Group], dict]:
-        """One RL step's groups: (the first draw, the groups to train on, dynamic-sampling counts).
+    def submit(self, step: int, source: PromptSource, max_new_tokens: int, timer: Timer) -> PendingStep:
+        """Start collecting RL step `step`'s groups on the background thread and return at once.
 
         With dynamic sampling (DAPO, M1) groups whose rewards all agree carry no signal; they are
-        dropped and refilled with fresh prompts (draw i of the step is stream `rl{i}`). Requests are
-        seeded from (run seed, step, draw, index), so a resumed run draws what the original would have.
+        dropped and refilled with fresh prompts (draw i of the step is stream `rl{i}`), all before the
+        pending step's result is ready. Requests are seeded from (run seed, step, draw, index), so a
+        resumed run draws what the original would have.
         """
+        return PendingStep(self.background.submit(self._step, step, source, max_new_tokens, timer))
+
+    def _step(self, step: int, source: PromptSource, max_new_tokens: int,
+              timer: Timer) -> tuple[list[Group], list[Group], dict]:
         a, r, seed = self.recipe.algorithm, self.recipe.rollout, self.recipe.run.seed
-        params = self.sampling(max_new_tokens=window)
+        params = self.sampling(max_new_tokens=max_new_tokens)
 
         def draw(k: int, i: int) -> list[Group]:
             prompts = source.batch(step, k, stream=f"rl{i}")
@@ -137,9 +196,12 @@ class Collector:
         if not a.dynamic_sampling:
             return first, first, {}
         draws = iter(range(1, a.max_refill_draws + 1))
-        kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards,
+        kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards[g.valid],
                                       target=len(first), max_draws=a.max_refill_draws)
         return first, kept, {**counts, "trained_groups": len(kept)}
+
+    def close(self) -> None:
+        self.background.shutdown(cancel_futures=True)
 
     def pass_rates(self, prompts: list[Prompt], n: int = 1, k: int = 1, stream: str = "eval") -> list[float]:
         """Each prompt's pass@k (unbiased, from n samples at the rollout temperature; n = 1 is greedy), at
@@ -175,7 +237,8 @@ def running_collector(recipe: Recipe, model_dir: str):
                                 r.model_copy(update={"threads": r.threads or recipe.run.threads}),
                                 options=recipe.resources.rollout.ray_options())
     try:
-        with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as scorer:
-            yield Collector(recipe, tok, rollout, scorer)
+        with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as scorer, \
+                closing(Collector(recipe, tok, rollout, scorer)) as collector:
+            yield collector
     finally:
         rollout.shutdown()

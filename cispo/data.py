@@ -1,19 +1,27 @@
-"""Prompts: a weighted mix of sources (generated arithmetic, GSM8K, MATH, APPS, HumanEval, plain JSONL)
-with a curriculum, drawn per step from a seeded stream."""
+"""Prompts: a weighted mix of sources (generated arithmetic, GSM8K, MATH, APPS, HumanEval, plain JSONL,
+verl's layout) with a curriculum, drawn per step from a seeded stream. Each source's file may be JSONL,
+parquet, CSV, JSON, Arrow or a `save_to_disk` directory (cispo.data_files)."""
 from __future__ import annotations
 
-import gzip
+import functools
 import hashlib
 import json
 import random
 import re
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cispo.config import DataConfig, RecipeError, SourceConfig
+from cispo import data_files
 from cispo.registry import Registry
+from cispo.section import RecipeError
 from rewards.math import last_boxed
+
+if TYPE_CHECKING:  # cispo.sections imports FORMATS from here
+    from cispo.sections import DataConfig, SourceConfig
 
 # How a source's rows become prompts: a row loader `fn(row: dict) -> Prompt` raising KeyError /
 # TypeError / ValueError on a malformed row, or (meta generated=True) a generator with no file.
@@ -36,6 +44,9 @@ class Prompt:
     source: str = ""  # the data source's name: picks its reward (reward.sources) and labels its metrics
     # The row's other columns (TRL passes them to reward functions as keyword lists).
     fields: dict = field(default_factory=dict, hash=False, compare=False)
+    # Chat messages [{"role", "content"}, ...] when the data gives the prompt as a conversation (verl);
+    # encoded with the tokenizer's chat template. `text` is then the last user turn.
+    messages: tuple = field(default=(), hash=False)
 
     @property
     def target(self) -> str:
@@ -55,6 +66,8 @@ def arith_problems(digits: int, source: str = "arith") -> list[Prompt]:
 @FORMATS.register("jsonl")
 def _jsonl(row: dict) -> Prompt:
     text = row["prompt"] if "prompt" in row else row["question"]
+    if text is None or row["answer"] is None:  # an empty cell of a table: not the text "None"
+        raise ValueError("null prompt or answer")
     return Prompt(str(text), str(row["answer"]).split("####")[-1].strip(), row.get("target"))
 
 
@@ -95,31 +108,72 @@ def _humaneval(row: dict) -> Prompt:
     return Prompt(row["prompt"], json.dumps(tests), row.get("canonical_solution"))
 
 
-def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: bool = False) -> tuple[list[Prompt], int]:
-    """The file's prompts (.jsonl or .jsonl.gz) and how many bad rows were skipped. A bad row is an
-    error naming file:line, unless `skip_bad`."""
+@FORMATS.register("verl")
+def _verl(row: dict) -> Prompt:
+    """verl's RL parquet layout, unchanged: `prompt` a list of chat messages, `reward_model.ground_truth`
+    the answer (JSON text unless a string, e.g. code tests), `data_source` the row's source, which picks
+    its reward (reward.sources, else reward.name) and reaches a verl `compute_score` as `data_source`."""
+    messages = row["prompt"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                                for m in messages):
+        raise ValueError("'prompt' is not a list of chat messages with 'role' and 'content'")
+    truth = row["reward_model"]["ground_truth"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return Prompt(users[-1] if users else messages[-1]["content"], truth if isinstance(truth, str) else json.dumps(truth),
+                  source=str(row["data_source"]), messages=tuple(messages))
+
+
+def _prompt(row: str | dict, fmt: str, columns: dict[str, str], source: str) -> Prompt:
+    """One raw row (a JSONL line, or a table's row) as a Prompt; raises on a malformed row (see FORMATS)."""
+    row = json.loads(row) if isinstance(row, str) else row
+    prompt = FORMATS[fmt].fn({**row, **{ours: row[theirs] for ours, theirs in columns.items()}})
+    if not isinstance(prompt.text, str) or not prompt.text:
+        raise ValueError("empty prompt")
+    own = str(row[columns["source"]]) if "source" in columns else prompt.source
+    return replace(prompt, source=own or source, fields={k: v for k, v in row.items() if k != "prompt"})
+
+
+class Prompts(Sequence):
+    """The good rows of a file as Prompts, each built when indexed (random.sample draws by index): the rows
+    stay where cispo.data_files keeps them (a table memory-mapped on disk), plus 8 bytes per good row."""
+
+    def __init__(self, rows: Sequence, good: array, convert):
+        self.rows, self.good, self.convert = rows, good, convert
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.convert(self.rows[self.good[i]])
+
+
+def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: bool = False,
+              columns: dict[str, str] | None = None) -> tuple[Prompts, int]:
+    """The prompts of the file at `path` (any type cispo.data_files reads) and how many bad rows were
+    skipped. `columns` maps our names (prompt, answer, target, source) to the file's columns; a mapped
+    `source` column (or verl's `data_source`) gives each row its own source name, else it is `source`.
+    Every row is checked here, once; a bad row is an error naming file:line (file:row i for tables),
+    unless `skip_bad`."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"data file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    prompts, skipped = [], 0
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = FORMATS[fmt].fn(row)
-                if not isinstance(prompt.text, str) or not prompt.text:
-                    raise ValueError("empty prompt")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                if not skip_bad:
-                    raise RecipeError(f"{path}:{n}: bad {fmt} row ({type(exc).__name__}: {exc}); "
-                                      f"data.on_bad_row=skip skips such rows") from None
-                skipped += 1
-                continue
-            prompts.append(replace(prompt, source=source, fields={k: v for k, v in row.items() if k != "prompt"}))
-    return prompts, skipped
+    convert = functools.partial(_prompt, fmt=fmt, columns=columns or {}, source=source)
+    rows, good, skipped = data_files.rows(path, columns or {}), array("q"), 0
+    for i, row in enumerate(rows):
+        if isinstance(row, str) and not row.strip():
+            continue
+        try:
+            convert(row)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            if not skip_bad:
+                raise RecipeError(f"{path}:{data_files.where(path, i)}: bad {fmt} row ({type(exc).__name__}: {exc}); "
+                                  f"data.on_bad_row=skip skips such rows") from None
+            skipped += 1
+            continue
+        good.append(i)
+    return Prompts(rows, good, convert), skipped
 
 
 class PromptSource:
@@ -129,7 +183,7 @@ class PromptSource:
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         self.sources = cfg.mix()
-        self.pools: dict[str, list[Prompt]] = {}
+        self.pools: dict[str, Sequence[Prompt]] = {}
         self.eval: list[Prompt] = []
         self.skipped: dict[str, int] = {}  # data file -> bad rows skipped (data.on_bad_row=skip)
         for s in self.sources:
@@ -140,7 +194,7 @@ class PromptSource:
             self.pools[s.name] = train
             self.eval += held_out[:cfg.eval_size]
 
-    def _load(self, s: SourceConfig) -> tuple[list[Prompt], list[Prompt]]:
+    def _load(self, s: SourceConfig) -> tuple[Sequence[Prompt], Sequence[Prompt]]:
         if FORMATS[s.format].meta.get("generated"):
             problems = FORMATS[s.format].fn(self.cfg.digits, s.name)
             if len(problems) <= self.cfg.eval_size:
@@ -153,7 +207,7 @@ class PromptSource:
             raise RecipeError(f"data source {s.name!r} ({s.format}) needs a path")
         splits = []
         for path in (s.path, s.eval_path):
-            rows, skipped = read_rows(path, s.format, s.name, self.cfg.on_bad_row == "skip") if path else ([], 0)
+            rows, skipped = read_rows(path, s.format, s.name, self.cfg.on_bad_row == "skip", s.columns) if path else ([], 0)
             if skipped:
                 self.skipped[path] = skipped
             splits.append(rows)

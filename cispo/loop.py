@@ -1,6 +1,6 @@
 """The controller: one RL step per iteration, each phase one call on a role object.
 
-    1-3. prompts -> rollout -> rewards    Collector.step         (cispo.collect; dynamic-sampling refill)
+    1-3. prompts -> rollout -> rewards    Collector.submit       (cispo.collect; rollout.function, refill)
     4.   advantages                       rl_batch               (cispo.batching)
     5.   train                            TrainerGroup.train     (cispo.trainer; DeepSpeed ranks)
     6.   sync                             TrainerGroup.publish   (weights -> RolloutPool)
@@ -53,13 +53,16 @@ def train(recipe: Recipe) -> dict:
         rows = read_metrics(run.path) if run.resume_from else []
         for step in range(first_step, recipe.run.max_steps + 1):
             timer = Timer(f"step {step}")
-            window, reason = advance(rows, recipe.stages) if recipe.stages.windows else (recipe.rollout.max_new_tokens, None)
+            max_new_tokens, reason = (advance(rows, recipe.stages) if recipe.stages.windows
+                                      else (recipe.rollout.max_new_tokens, None))
             if reason:
-                print(f"stage: window -> {window} tokens ({reason})", flush=True)
-            first, groups, sampling = collector.step(source, step, window, timer)        # 1-3. prompts, rollout, rewards
+                print(f"stage: window -> {max_new_tokens} tokens ({reason})", flush=True)
+            # Synchronous: wait for this step's rollout. Submitting step + 1 before training this one would
+            # overlap them (its samples then come from weights one version older, as their versions record).
+            first, groups, sampling = collector.submit(step, source, max_new_tokens, timer).result()  # 1-3.
             stats = {}
             if groups:
-                batch = rl_batch(groups, recipe.algorithm, window, tok.eos_token_id)    # 4. advantages
+                batch = rl_batch(groups, recipe.algorithm, max_new_tokens, tok.eos_token_id)  # 4. advantages
                 with timer("train"):
                     stats = trainers.train(batch, step)                                 # 5. train
                 stats["ppo_zeroed_tokens"] = top_tokens(stats.get("ppo_zeroed_tokens", {}), tok)
@@ -70,7 +73,7 @@ def train(recipe: Recipe) -> dict:
                 with timer("eval"):
                     evaluated["eval_accuracy"] = collector.evaluate(source.eval)
                 evaluated["eval_unscored"] = collector.unscored  # so far in this process: errors never count as fails
-            rows.append(log.log({"step": step, "window": window, "stage_reason": reason,  # 7. record
+            rows.append(log.log({"step": step, "window": max_new_tokens, "stage_reason": reason,  # 7. record
                                  **rollout_metrics(first), **sampling, **stats, **evaluated,
                                  "rollout_worker_failures": rollout.failures, **timer.seconds()}))
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:

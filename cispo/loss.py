@@ -1,9 +1,18 @@
 """The policy-loss family of MiniMax-M1 §3.1: CISPO (Eq. 4–5), its masked form (Eq. 6–7), and the
 PPO-clip losses it was compared with (GRPO, DAPO). Each returns the quantity to minimize (−J).
 
-All tensors are [B, T] token grids; `advantages` may be [B] (one A_i per response) and `mask`
-marks response tokens. A loss is one function registered in `LOSSES` with its paper's normalization
-and whether it clips from below; a normalization is one function in `NORMALIZATIONS`.
+A loss is one function, registered in `LOSSES` with its paper's normalization and whether it clips
+from below (GSPO, in cispo/gspo.py, shows one in a file of its own), or a user's 'module:function'
+(`resolve`). Every loss is called the same way, on every trainer rank, per micro-batch:
+
+    fn(logprobs, old_logprobs, advantages, mask, *, group_index, cfg) -> (per_token_loss, figures)
+
+- logprobs [B, T] (with gradient), old_logprobs [B, T]: log π_θ and log π_old of each target token;
+- advantages [B], one A_i per response; mask [B, T], 1 on the response tokens that get a loss;
+- group_index [B], the prompt group of each row; cfg, the loss's section (`LossConfig`);
+- per_token_loss [B, T]: ℓ_t, which the trainer reduces as Σ w_t·ℓ_t with the normalization's weights
+  (`token_weights`), so a sequence-level loss spreads its term over the response's tokens;
+- figures: name -> [B, T] per-token values, reported as their mean over the step's response tokens.
 
 torch is not imported here: only tensor methods are used, so the config (and `cispo plan`) can check
 loss names against these registries without loading torch.
@@ -11,15 +20,56 @@ loss names against these registries without loading torch.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from pydantic import Field, field_validator
 
 from cispo.registry import Registry
+from cispo.section import Section, choice
+from rewards.plugins import import_function
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-LOSSES = Registry("loss")                    # per-token −J; meta: normalization, needs_eps_low
+LOSSES = Registry("loss")                    # meta: normalization, needs_eps_low
 NORMALIZATIONS = Registry("normalization")   # mask [B, T] (, group_index [B]) -> weights [B, T]
+
+
+class LossConfig(Section):
+    """The loss's own keys (under `algorithm` in a recipe): what each trainer rank's loss reads."""
+    name: str = choice(LOSSES, "the policy loss: cispo: M1 Eq. 4-5; cispo_masked: Eq. 6-7; grpo/dapo/ppo: "
+                       "the PPO-clip surrogate; gspo: GSPO's sequence-level ratio; or a user's "
+                       "'module:function' (docs/architecture.md#losses)", "cispo", plugin=True)
+    eps_high: float = Field(..., gt=0, description="upper clip of the IS weight; M1 does not publish it, so recipes state it")
+    eps_low: float | None = Field(None, gt=0, validate_default=True,
+                                  description="lower clip; M1 uses none; PPO-clip losses need it (DAPO: 0.2)")
+    normalization: str | None = choice(
+        NORMALIZATIONS, "group: 1/Σ|o_i| per prompt (Eq. 4); token: batch token mean; sequence: mean of response "
+        "means; sample_token: M1 80k's sample-level loss with token normalization; unset: the loss's own (cispo "
+        "group, grpo/gspo sequence, dapo/ppo token; a user's loss: token)", None, validate_default=True)
+
+    @field_validator("eps_low")
+    @classmethod
+    def _clip_from_below_needs_eps_low(cls, v, info):
+        name = info.data.get("name")
+        if v is None and name in LOSSES and LOSSES[name].meta["needs_eps_low"]:
+            raise ValueError(f"{name} clips the ratio from below too; state eps_low (GRPO and DAPO use 0.2)")
+        return v
+
+    @field_validator("normalization", mode="after")
+    @classmethod
+    def _default_normalization(cls, v, info):
+        # Each loss's own paper normalizes differently (registered with the loss); a recipe value wins.
+        name = info.data.get("name")
+        if v is not None or not name:
+            return v
+        return LOSSES[name].meta["normalization"] if name in LOSSES else "token"
+
+
+def resolve(name: str, search=()) -> Callable:
+    """The loss function `name` names: a registered one, or a user's 'module:function' imported from the
+    directories `search` (then sys.path), as a user's reward is. ValueError, one line, if it cannot load."""
+    return import_function(name, search, kind="loss") if ":" in name else LOSSES[name].fn
 
 
 def _broadcast(advantages: Tensor, like: Tensor) -> Tensor:
@@ -32,6 +82,11 @@ def clipped_is_weight(logprobs, old_logprobs, *, eps_high: float, eps_low: float
     ratio = (logprobs - old_logprobs).exp()
     lower = None if eps_low is None else 1.0 - eps_low
     return ratio, ratio.clamp(min=lower, max=1.0 + eps_high)
+
+
+def clipped(ratio, clipped_ratio) -> dict:
+    """The `clip_fraction` figure: 1 on each token whose weight the clip changed."""
+    return {"clip_fraction": (clipped_ratio != ratio).detach().float()}
 
 
 def ppo_token_mask(ratio, advantages, *, eps_high: float, eps_low: float | None = None) -> Tensor:
@@ -52,32 +107,33 @@ def masked_objective(logprobs, weight, advantages, token_mask) -> Tensor:
     return weight.detach() * _broadcast(advantages, logprobs) * token_mask * logprobs
 
 
-def ppo_clip_objective(ratio, clipped, advantages) -> Tensor:
+def ppo_clip_objective(ratio, clipped_ratio, advantages) -> Tensor:
     """Per-token PPO-clip surrogate min(r·A, r̂·A) (GRPO and DAPO): zero gradient where the clip binds."""
     a = _broadcast(advantages, ratio)
-    return (ratio * a).minimum(clipped * a)
+    return (ratio * a).minimum(clipped_ratio * a)
 
 
 # ---------------------------------------------------------------- the losses, each registered once
 
 @LOSSES.register("cispo", normalization="group", needs_eps_low=False)
-def cispo_token_loss(logprobs, old_logprobs, advantages, *, eps_high, eps_low=None):
-    """Eq. 4–5: every token keeps sg(r̂)·A·∇log π; no lower bound unless ε_low is given."""
-    _, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
-    return -masked_objective(logprobs, clipped, advantages, 1.0)
+def cispo_token_loss(logprobs, old_logprobs, advantages, mask, *, group_index, cfg):
+    """M1 Eq. 4–5, J = E_q[ 1/Σ_i|o_i| · Σ_i Σ_t sg(r̂_t) · A_i · log π_θ(o_t|·) ]: every token keeps
+    sg(r̂)·A·∇log π; no lower bound unless ε_low is given. The 'group' normalization is the 1/Σ_i|o_i|."""
+    ratio, weight = clipped_is_weight(logprobs, old_logprobs, eps_high=cfg.eps_high, eps_low=cfg.eps_low)
+    return -masked_objective(logprobs, weight, advantages, 1.0), clipped(ratio, weight)
 
 
 @LOSSES.register("cispo_masked", normalization="group", needs_eps_low=False)
-def cispo_masked_token_loss(logprobs, old_logprobs, advantages, *, eps_high, eps_low=None):
+def cispo_masked_token_loss(logprobs, old_logprobs, advantages, mask, *, group_index, cfg):
     """Eq. 6–7: CISPO's weight with PPO-clip's token mask."""
-    ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
-    m = ppo_token_mask(ratio, advantages, eps_high=eps_high, eps_low=eps_low)
-    return -masked_objective(logprobs, clipped, advantages, m)
+    ratio, weight = clipped_is_weight(logprobs, old_logprobs, eps_high=cfg.eps_high, eps_low=cfg.eps_low)
+    m = ppo_token_mask(ratio, advantages, eps_high=cfg.eps_high, eps_low=cfg.eps_low)
+    return -masked_objective(logprobs, weight, advantages, m), clipped(ratio, weight)
 
 
-def _ppo_clip_token_loss(logprobs, old_logprobs, advantages, *, eps_high, eps_low):
-    ratio, clipped = clipped_is_weight(logprobs, old_logprobs, eps_high=eps_high, eps_low=eps_low)
-    return -ppo_clip_objective(ratio, clipped, advantages)
+def _ppo_clip_token_loss(logprobs, old_logprobs, advantages, mask, *, group_index, cfg):
+    ratio, weight = clipped_is_weight(logprobs, old_logprobs, eps_high=cfg.eps_high, eps_low=cfg.eps_low)
+    return -ppo_clip_objective(ratio, weight, advantages), clipped(ratio, weight)
 
 
 # The PPO-clip losses differ only in the normalization and ε a recipe sets (GRPO: sequence mean;
@@ -132,17 +188,14 @@ def normalize(per_token, mask, normalization: str, group_index=None) -> Tensor:
     return (per_token * token_weights(mask, normalization, group_index).to(per_token.dtype)).sum()
 
 
-def token_loss(name: str, logprobs, old_logprobs, advantages, *, eps_high: float,
-               eps_low: float | None = None) -> Tensor:
-    """Per-token −J [B, T] of the registered loss `name`; ValueError for an unknown name."""
-    return LOSSES[name].fn(logprobs, old_logprobs, advantages, eps_high=eps_high, eps_low=eps_low)
-
-
 def policy_loss(name: str, logprobs, old_logprobs, advantages, mask, *, eps_high: float,
-                eps_low: float | None = None, normalization: str = "group", group_index=None) -> Tensor:
-    """−J for the loss `name` (`token_loss`), reduced with `normalization` (`token_weights`)."""
-    per_token = token_loss(name, logprobs, old_logprobs, advantages, eps_high=eps_high, eps_low=eps_low)
-    return normalize(per_token, mask, normalization, group_index)
+                eps_low: float | None = None, normalization: str | None = None, group_index=None,
+                search=()) -> Tensor:
+    """−J [] for the loss `name` (`resolve`), reduced with `normalization` (`token_weights`; default the
+    loss's own), as the trainer computes it on one whole minibatch. ValueError for an unknown name."""
+    cfg = LossConfig(name=name, eps_high=eps_high, eps_low=eps_low, normalization=normalization)
+    per_token, _ = resolve(name, search)(logprobs, old_logprobs, advantages, mask, group_index=group_index, cfg=cfg)
+    return normalize(per_token, mask, cfg.normalization, group_index)
 
 
 def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps_low: float | None = None,
@@ -159,9 +212,9 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, eps_high: float, eps
 PPO_REFERENCE_EPS = (0.2, 0.28)  # (ε_low, ε_high) of DAPO's clip-higher: where fork tokens are counted
 
 
-def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high: float,
-                 eps_low: float | None = None, token_ids=None) -> dict:
-    """Per-update health figures over response tokens (no gradient), floats but for the one Counter.
+def policy_health(logprobs, old_logprobs, advantages, mask, entropy, *, token_ids=None) -> dict:
+    """Per-update health figures over response tokens, whatever the loss (no gradient), floats but for
+    the one Counter; a loss reports its own figures (e.g. clip_fraction) beside these.
 
     ppo_zeroed_fraction is the share of tokens Eq. 7's mask zeroes at DAPO's ε (ε_low 0.2, ε_high 0.28),
     whatever ε the run's own loss uses: the high-ratio "fork" tokens PPO-clip would drop and CISPO keeps
@@ -172,11 +225,10 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
     on = mask.bool()
     if not on.any():  # a minibatch of fully masked responses (e.g. overlong "mask") has nothing to report
         return {}
-    ratio, clipped = clipped_is_weight(logprobs.detach(), old_logprobs, eps_high=eps_high, eps_low=eps_low)
+    ratio = (logprobs.detach() - old_logprobs).exp()
     r = ratio[on]
     zeroed = 1 - ppo_token_mask(ratio, advantages, eps_high=PPO_REFERENCE_EPS[1], eps_low=PPO_REFERENCE_EPS[0])[on]
     figures = {
-        "clip_fraction": float((clipped[on] != r).float().mean()),
         "ppo_zeroed_fraction": float(zeroed.mean()),
         "is_weight_mean": float(r.mean()),
         "is_weight_max": float(r.max()),
@@ -186,3 +238,7 @@ def loss_metrics(logprobs, old_logprobs, advantages, mask, entropy, *, eps_high:
     if token_ids is not None:
         figures["ppo_zeroed_tokens"] = Counter(token_ids[on][zeroed.bool()].tolist())
     return figures
+
+
+# Losses kept in files of their own register themselves when imported; each is imported here, once.
+from cispo import gspo  # noqa: E402,F401  (after LOSSES exists: gspo.py registers into it)

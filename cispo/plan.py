@@ -82,6 +82,9 @@ def model_shape(recipe: Recipe) -> tuple[Shape, str]:
         cfg.setdefault("layer_types", m1_layer_types(cfg["num_hidden_layers"]))
         cfg["vocab_size"] = PRESET_VOCAB.get(m.preset, len(set(m.alphabet)) + 4)  # the char tokenizer's + 4 special
         where = f"preset {m.preset!r}" + (f" (model.path {m.path} is not here)" if m.path else "")
+    if cfg.get("model_type", "minimax") != "minimax":
+        raise RecipeError(f"cispo plan counts MiniMax's layout only; {where} is a {cfg['model_type']} model, whose "
+                          f"parameters and state it does not model yet")
     # MiniMax's own released config.json lists the layout as attn_type_list (1: softmax, 0: lightning).
     types = cfg.get("layer_types") or ["full_attention" if t else "linear_attention" for t in cfg["attn_type_list"]]
     heads = cfg["num_attention_heads"]

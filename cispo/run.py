@@ -21,9 +21,10 @@ class RunDir:
 
     def __init__(self, recipe: Recipe):
         """Refuses to reuse a dir that holds a run unless resuming; with run.resume, finds the newest
-        complete checkpoint (`resume_from`) or refuses. A reward that cannot load is refused here too,
-        before a model is built or Ray started."""
+        complete checkpoint (`resume_from`) or refuses. A reward or a loss that cannot load is refused here
+        too, before a model is built or Ray started."""
         recipe.rewards()
+        recipe.loss()
         self.recipe, self.path = recipe, Path(recipe.run.dir)
         found = checkpoint.latest(self.path) if recipe.run.resume else None
         if recipe.run.resume and found is None:

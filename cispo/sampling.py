@@ -16,41 +16,41 @@ if TYPE_CHECKING:
 
 TRUNCATED = ("length", "repetition")  # finish reasons of a response cut before it ended
 
-# (rewards [N], cut [N] bool, lengths [N], budget, buffer, penalty) -> (rewards [N], keep [N] bool)
+# (rewards [N], cut [N] bool, lengths [N], max_new_tokens, buffer, penalty) -> (rewards [N], keep [N] bool)
 OVERLONG = Registry("overlong mode")
 
 Group = TypeVar("Group")
 
 
 @OVERLONG.register("none")
-def _keep_overlong(rewards, cut, lengths, budget, buffer, penalty):
+def _keep_overlong(rewards, cut, lengths, max_new_tokens, buffer, penalty):
     """Truncated responses are trained on like any other."""
     return rewards, cut.new_ones(cut.shape)
 
 
 @OVERLONG.register("zero")
-def _zero_overlong(rewards, cut, lengths, budget, buffer, penalty):
+def _zero_overlong(rewards, cut, lengths, max_new_tokens, buffer, penalty):
     """A truncated response's reward becomes 0."""
     return rewards.masked_fill(cut, 0.0), cut.new_ones(cut.shape)
 
 
 @OVERLONG.register("mask")
-def _mask_overlong(rewards, cut, lengths, budget, buffer, penalty):
+def _mask_overlong(rewards, cut, lengths, max_new_tokens, buffer, penalty):
     """DAPO's overlong filtering: truncated responses count in their group's advantage but get no loss."""
     return rewards, cut.logical_not()
 
 
 @OVERLONG.register("soft")
-def _soft_overlong(rewards, cut, lengths, budget, buffer, penalty):
-    """DAPO's soft overlong punishment (Eq. 13): −penalty·(|y| − (budget − buffer))/buffer over the last
-    `buffer` tokens of the budget, and the full −penalty for a truncated response, whose length says
+def _soft_overlong(rewards, cut, lengths, max_new_tokens, buffer, penalty):
+    """DAPO's soft overlong punishment (Eq. 13): −penalty·(|y| − (max_new_tokens − buffer))/buffer over the
+    last `buffer` tokens of the budget, and the full −penalty for a truncated response, whose length says
     nothing about when it would have ended."""
-    fraction = ((lengths - (budget - buffer)) / max(buffer, 1)).clamp(0, 1)
+    fraction = ((lengths - (max_new_tokens - buffer)) / max(buffer, 1)).clamp(0, 1)
     return rewards - penalty * fraction.masked_fill(cut, 1.0), cut.new_ones(cut.shape)
 
 
 def overlong(rewards: Tensor, finish_reasons: Sequence[str], lengths: Sequence[int], *, mode: str,
-             budget: int, buffer: int = 0, penalty: float = 1.0) -> tuple[Tensor, Tensor]:
+             max_new_tokens: int, buffer: int = 0, penalty: float = 1.0) -> tuple[Tensor, Tensor]:
     """Apply the recipe's rule (`OVERLONG[mode]`) to responses cut by the budget or by repetition.
 
     Returns (rewards [N] float, keep [N] bool); the caller zeroes the loss mask of rows with keep
@@ -59,7 +59,7 @@ def overlong(rewards: Tensor, finish_reasons: Sequence[str], lengths: Sequence[i
     rule = OVERLONG[mode].fn
     rewards = rewards.float()
     cut = rewards.new_tensor([r in TRUNCATED for r in finish_reasons]).bool()
-    return rule(rewards, cut, rewards.new_tensor(list(lengths)), budget, buffer, penalty)
+    return rule(rewards, cut, rewards.new_tensor(list(lengths)), max_new_tokens, buffer, penalty)
 
 
 def has_spread(rewards: Tensor) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from cispo.config import StagesConfig
+from cispo.sections import StagesConfig
 
 
 def advance(rows: list[dict], cfg: StagesConfig) -> tuple[int, str | None]:

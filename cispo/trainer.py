@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 from cispo.batching import TrainBatch, minibatches, shard
-from cispo.config import Recipe, RecipeError
+from cispo.config import Recipe
 from cispo.data import derive_seed
-from cispo.loss import loss_metrics, token_loss
+from cispo.loss import LossConfig, policy_health, resolve
+from cispo.section import RecipeError
+from cispo.sections import OptimConfig, TrainerConfig
+from rollout.families import family_of
 from rollout.model import load_model, token_logprobs
 
 
@@ -22,9 +25,8 @@ def _merge(base: dict, override: dict) -> dict:
                        for k, v in override.items()}}
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+def deepspeed_config(t: TrainerConfig, o: OptimConfig, world_size: int) -> dict:
     """Ours, with the recipe's `trainer.deepspeed` merged over it key by key."""
-    t, o = recipe.trainer, recipe.optim
     base = {
         # Micro-batches vary in rows (cispo.batching); the boundary of each update is set by hand.
         "train_micro_batch_size_per_gpu": 1,
@@ -62,9 +64,17 @@ class LogprobModel(nn.Module):
 
 @ray.remote
 class Trainer:
-    def __init__(self, recipe_json: str, model_dir: str, rank: int, world_size: int):
-        self.recipe = Recipe.model_validate_json(recipe_json)
+    """One DeepSpeed rank. It gets the recipe's values it reads, by name, never the whole recipe (whose
+    validation would import every reward, the code sandbox included): its sections `trainer`, `optim`
+    and `loss` (cispo.loss.LossConfig, keys under `algorithm`), and `old_logprobs`, `sft_lr`, `seed`,
+    `threads`. `search` holds the directories a user's 'module:function' loss is imported from."""
+
+    def __init__(self, model_dir: str, rank: int, world_size: int, *, trainer: TrainerConfig, optim: OptimConfig,
+                 loss: LossConfig, old_logprobs: str, sft_lr: float, seed: int, threads: int, search: list[str]):
         self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
+        self.trainer, self.optim, self.loss, self.old_logprobs = trainer, optim, loss, old_logprobs
+        self.sft_lr, self.seed, self.threads = sft_lr, seed, threads
+        self.loss_fn = resolve(loss.name, search)  # a user's module is imported here, on every rank
         self.skipped_steps = 0
         self.rl_updates = 0  # drives the linear warm-up of the RL learning rate
 
@@ -81,12 +91,12 @@ class Trainer:
         if not gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
         # Ray pins actors to one thread; phases run one at a time, so let the active one use every core.
-        torch.set_num_threads(self.recipe.run.threads or os.cpu_count())
-        torch.manual_seed(self.recipe.run.seed + self.rank)
+        torch.set_num_threads(self.threads or os.cpu_count())
+        torch.manual_seed(self.seed + self.rank)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-        t, o = self.recipe.trainer, self.recipe.optim
+        t, o = self.trainer, self.optim
         causal_lm = load_model(self.model_dir)
         if t.gradient_checkpointing:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -94,10 +104,12 @@ class Trainer:
         if t.zero_stage == 3:
             # Which experts run depends on the tokens, so ranks would gather different modules in different
             # orders and deadlock; a leaf MoE block gathers all its experts at once.
-            deepspeed.utils.set_z3_leaf_modules(causal_lm, [type(causal_lm.model.layers[0].mlp)])
+            leaves = family_of(causal_lm.config).leaf_modules(causal_lm)
+            if leaves:
+                deepspeed.utils.set_z3_leaf_modules(causal_lm, leaves)
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(self.recipe, self.world_size))
+            model=model, optimizer=optimizer, config=deepspeed_config(t, o, self.world_size))
         if t.zero_stage == 3:
             deepspeed.zero.register_external_parameter(self.engine.module, causal_lm.lm_head.weight)
         self.causal_lm = causal_lm
@@ -107,61 +119,69 @@ class Trainer:
             group["lr"] = lr
 
     def _update(self, micro_batches: list[TrainBatch], per_token_loss, temperature: float = 1.0) -> dict:
-        """One optimizer step over this rank's micro-batches (cispo.batching).
+        """One optimizer step over this rank's micro-batches (cispo.batching); `per_token_loss(logp, mb)`
+        gives (ℓ [B, T], figures: name -> [B, T]).
 
         Each micro-batch carries per-token `weights` that make Σ w·ℓ over every rank's micro-batches the
         whole minibatch's normalized loss. DeepSpeed averages gradients over ranks, hence × world size.
         """
-        loss_sum, logprobs, entropies = 0.0, [], []
+        loss_sum, logprobs, entropies, figures = 0.0, [], [], {}
         for i, mb in enumerate(micro_batches):
             mb = mb.to(self.engine.device)
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             logp, entropy = self.engine(mb.input_ids, temperature)
-            loss = (per_token_loss(logp, mb) * mb.weights).sum()
+            per_token, mb_figures = per_token_loss(logp, mb)
+            loss = (per_token * mb.weights).sum()
             self.engine.backward(loss * self.world_size)
             loss_sum += loss.item()
             on = mb.loss_mask.bool()
             logprobs.append(logp.detach()[on].cpu())
             entropies.append(entropy[on].cpu())
+            for name, values in mb_figures.items():
+                figures.setdefault(name, []).append(values.detach()[on].float().cpu())
         self.engine.step()
         # ZeRO skips an update whose gradient norm is not finite; count it (docs/notes.md#failures).
         self.skipped_steps += not self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()  # None under ZeRO-0
         norm = float(norm) if norm is not None else float("nan")
-        return {"loss": loss_sum, "grad_norm": norm, "logprobs": torch.cat(logprobs), "entropy": torch.cat(entropies)}
+        return {"loss": loss_sum, "grad_norm": norm, "logprobs": torch.cat(logprobs), "entropy": torch.cat(entropies),
+                "figures": {name: torch.cat(values) for name, values in figures.items()}}
 
     def sft_step(self, micro_batches: list[TrainBatch]) -> dict:
         """Cross-entropy on the reference answers (token-mean weights from the controller)."""
-        self._set_lr(self.recipe.sft.lr)
-        out = self._update(micro_batches, lambda logp, mb: -logp)
+        self._set_lr(self.sft_lr)
+        out = self._update(micro_batches, lambda logp, mb: (-logp, {}))
         return {"loss": out["loss"], "grad_norm": out["grad_norm"]}
 
     def train_batch(self, updates: list[list[TrainBatch]], temperature: float) -> dict:
         """K minibatch updates of the policy loss over one generation batch (M1 §3.1: off-policy updates);
         `updates` holds this rank's micro-batches for each.
 
-        `loss` is this rank's share (ranks sum to the minibatch loss); the other figures are token means
-        with their `tokens` count, so the controller can combine ranks exactly.
+        `loss` is this rank's share (ranks sum to the minibatch loss); the other figures, the loss's own
+        (cispo.loss) and `policy_health`'s, are token means with their `tokens` count, so the controller can
+        combine ranks exactly.
         """
-        a, o = self.recipe.algorithm, self.recipe.optim
-        per_token_loss = lambda logp, mb: token_loss(a.name, logp, mb.old_logprobs, mb.advantages,
-                                                     eps_high=a.eps_high, eps_low=a.eps_low)
-        gap = self._recompute_old_logprobs(updates, temperature) if a.old_logprobs == "recompute" else {}
-        losses, norms, on_token = [], [], []
+        o = self.optim
+        per_token_loss = lambda logp, mb: self.loss_fn(logp, mb.old_logprobs, mb.advantages, mb.loss_mask,
+                                                       group_index=mb.group_index, cfg=self.loss)
+        gap = self._recompute_old_logprobs(updates, temperature) if self.old_logprobs == "recompute" else {}
+        losses, norms, on_token, loss_figures = [], [], [], {}
         for micro_batches in updates:
             self._set_lr(o.lr * min(1.0, (self.rl_updates + 1) / max(o.warmup_steps, 1)))
             self.rl_updates += 1
             out = self._update(micro_batches, per_token_loss, temperature)
             losses.append(out["loss"])
             norms.append(out["grad_norm"])
+            for name, values in out["figures"].items():
+                loss_figures.setdefault(name, []).append(values)
             on = [mb.loss_mask.bool() for mb in micro_batches]
             old = torch.cat([mb.old_logprobs[m] for mb, m in zip(micro_batches, on)])
             adv = torch.cat([mb.advantages.unsqueeze(1).expand_as(m)[m] for mb, m in zip(micro_batches, on)])
             ids = torch.cat([mb.input_ids[:, 1:][m] for mb, m in zip(micro_batches, on)])
             on_token.append((out["logprobs"], old, adv, out["entropy"], ids))
         logp, old, adv, entropy, ids = (torch.cat(column).unsqueeze(0) for column in zip(*on_token))
-        figures = loss_metrics(logp, old, adv, torch.ones_like(logp), entropy, eps_high=a.eps_high, eps_low=a.eps_low,
-                               token_ids=ids)
+        figures = {name: float(torch.cat(values).mean()) for name, values in loss_figures.items()} if logp.numel() else {}
+        figures.update(policy_health(logp, old, adv, torch.ones_like(logp), entropy, token_ids=ids))
         return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **figures, **gap,
                 "tokens": logp.numel(), "skipped_steps": self.skipped_steps, "lr": self.optimizer.param_groups[0]["lr"]}
 
@@ -197,7 +217,7 @@ class Trainer:
         import deepspeed
 
         params = list(self.causal_lm.parameters())
-        return deepspeed.zero.GatheredParameters(params, enabled=self.recipe.trainer.zero_stage == 3)
+        return deepspeed.zero.GatheredParameters(params, enabled=self.trainer.zero_stage == 3)
 
     def state_dict(self) -> dict:
         """The weights to publish; rank 0 returns them (on CPU), the others only take part in the gather."""
@@ -237,7 +257,11 @@ class TrainerGroup:
         group = placement_group([{k: v for k, v in bundle.items() if v}] * size, strategy="PACK")
         ray.get(group.ready())
         actor = Trainer.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
-        trainers = cls(recipe, [actor.remote(recipe.model_dump_json(), model_dir, r, size) for r in range(size)], group)
+        a, run = recipe.algorithm, recipe.run
+        trainers = cls(recipe, [actor.remote(model_dir, r, size, trainer=recipe.trainer, optim=recipe.optim,
+                                             loss=a.loss_section(), old_logprobs=a.old_logprobs, sft_lr=recipe.sft.lr,
+                                             seed=run.seed, threads=run.threads, search=recipe.search_dirs())
+                                for r in range(size)], group)
         try:
             addr, port = ray.get(trainers.ranks[0].address.remote())
             trainers._all("init", addr, port)

@@ -64,15 +64,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cispo.trainer import LogprobModel  # noqa: E402
 from rollout.config import ModelConfig, RolloutConfig  # noqa: E402
-from rollout.engine import CispoEngine, Completion, Request, SamplingParams  # noqa: E402
+from rollout.engine import CispoEngine  # noqa: E402
 from rollout.model import load_model, load_tokenizer, save_model, starting_model  # noqa: E402
+from rollout.trajectory import Request, SamplingParams, Trajectory  # noqa: E402
 
 HEADS = {"bf16_head": torch.bfloat16, "fp32_head": torch.float32}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def rollout(model_dir: str | Path, trainer_state: dict, requests: list[Request], *, body_dtype: torch.dtype,
-            head_dtype: torch.dtype) -> list[Completion]:
+            head_dtype: torch.dtype) -> list[Trajectory]:
     """What a rollout worker returns for `requests`: the model loaded in `body_dtype`, the trainer's
     weights published into it (cast to each parameter's dtype), and the engine's head in `head_dtype`."""
     tok = load_tokenizer(model_dir)
@@ -86,7 +87,7 @@ def rollout(model_dir: str | Path, trainer_state: dict, requests: list[Request],
 
 
 @torch.no_grad()
-def trainer_logprobs(trainer: LogprobModel, requests: list[Request], completions: list[Completion],
+def trainer_logprobs(trainer: LogprobModel, completions: list[Trajectory],
                      filler_id: int, rows: int = 64) -> torch.Tensor:
     """log π of every response token [total response tokens] under the trainer's forward, in completion order.
 
@@ -95,14 +96,14 @@ def trainer_logprobs(trainer: LogprobModel, requests: list[Request], completions
     out = []
     for start in range(0, len(completions), rows):
         chunk = completions[start:start + rows]
-        seqs = [requests[c.request_index].prompt_ids + c.token_ids for c in chunk]
+        seqs = [c.prompt_ids + c.response_ids for c in chunk]
         ids = torch.full((len(seqs), max(map(len, seqs))), filler_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
         logp, _ = trainer(ids)  # [rows, width - 1]: position t scores token t + 1
         for i, c in enumerate(chunk):
-            first = len(requests[c.request_index].prompt_ids) - 1
-            out.append(logp[i, first:first + len(c.token_ids)])
+            first = len(c.prompt_ids) - 1
+            out.append(logp[i, first:first + len(c.response_ids)])
     return torch.cat(out)
 
 
@@ -130,7 +131,7 @@ def measure(model_dir: str | Path, requests: list[Request], body_dtype: torch.dt
     for name, head_dtype in HEADS.items():
         completions = rollout(model_dir, state, requests, body_dtype=body_dtype, head_dtype=head_dtype)
         result[name] = {"rollout": torch.tensor([lp for c in completions for lp in c.logprobs]),
-                        "trainer": trainer_logprobs(trainer, requests, completions, tok.eos_token_id)}
+                        "trainer": trainer_logprobs(trainer, completions, tok.eos_token_id)}
     return result
 
 

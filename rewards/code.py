@@ -62,7 +62,8 @@ def parse_tests(tests) -> dict:
 def score(response: str, tests, *, fraction: bool = False, min_isolation: str = "mountns") -> float:
     """1.0 if the program passes every test (M1), else 0.0; with `fraction`, the share passed.
     Programs run at the strongest sandbox level here, at least `min_isolation` (`rewards.sandbox`).
-    Raises SandboxFailure when the sandbox, not the program, failed, and ValueError on bad tests."""
+    Raises SandboxFailure when the sandbox, not the program, failed, and ValueError on bad tests (an
+    unknown comparator; inputs and outputs that are not lists of the same non-zero length)."""
     tests = parse_tests(tests)
     limits = {"timeout_s": tests.get("timeout_s", 4.0), "memory_mb": tests.get("memory_mb", 512),
               "min_isolation": min_isolation}
@@ -71,9 +72,10 @@ def score(response: str, tests, *, fraction: bool = False, min_isolation: str = 
     comparator, tol = tests.get("comparator", "whitespace"), tests.get("tolerance", 1e-6)
     if comparator not in COMPARATORS:
         raise ValueError(f"tests: unknown comparator {comparator!r}; valid: {', '.join(COMPARATORS)}")
+    cases = _cases(tests)
     program = extract_program(response)
     passed = 0
-    for inp, expected in zip(tests["inputs"], tests["outputs"]):
+    for inp, expected in cases:
         if tests.get("fn_name"):
             got = _call(program, tests["fn_name"], inp, limits)
             ok = got is not _FAILED and (_same(got, expected, tol) or _same([got], expected, tol))
@@ -83,7 +85,22 @@ def score(response: str, tests, *, fraction: bool = False, min_isolation: str = 
         passed += ok
         if not ok and not fraction:
             return 0.0
-    return passed / max(1, len(tests["inputs"]))
+    return passed / len(cases)
+
+
+def _cases(tests: dict) -> list[tuple]:
+    """The (input, expected output) pairs. ValueError, which the scoring pool counts as a reward error,
+    for malformed tests: zip would silently drop inputs without an output (2 inputs and 1 output scored
+    0.5 with `fraction` and never ran the second; olmo-eval PR #354), no tests would score 0, and a
+    string in place of a list would be compared character by character."""
+    inputs, outputs = tests.get("inputs"), tests.get("outputs")
+    for key, value in (("inputs", inputs), ("outputs", outputs)):
+        if not isinstance(value, list):
+            raise ValueError(f"tests: {key!r} must be a list, got {type(value).__name__}")
+    if not inputs or len(inputs) != len(outputs):
+        raise ValueError(f"tests: need one output per input and at least one test, got {len(inputs)} inputs and "
+                         f"{len(outputs)} outputs")
+    return list(zip(inputs, outputs))
 
 
 def _run(program: str, stdin: str, limits: dict) -> sandbox.SandboxResult:

@@ -10,8 +10,10 @@ from rewards.types import RewardInput
 # \boxed{..}, \boxed {..}, \boxed 5, \fbox{..}, \framebox{..}; `(?![A-Za-z])` so \boxedsomething is another macro.
 _BOX = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
 _TAG = re.compile(r"<answer>")  # R1-style <answer>...</answer>, common in GRPO prompts
-# "Final answer: 5", "**Final Answer:** 5", Minerva's "The final answer is $5$. I hope it is correct."
-_FINAL = re.compile(r"final answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)[\s*]*", re.IGNORECASE)
+# "Final answer: 5", "**Final Answer:** 5", Minerva's "The final answer is $5$. I hope it is correct.", and
+# DAPO-Math-17k's "Answer: $5$" line (its prompt asks for it as the last line; EasyR1 PR #382), also bold.
+_FINAL = re.compile(r"final answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)[\s*]*|^[ \t>#*]*answer(?:\*\*)?\s*:[\s*]*",
+                    re.IGNORECASE | re.MULTILINE)
 _MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 # A number whose only separators are thousands separators: 115,000, 10,\!000, 1{,}000, 1\,000.
 _GROUPED = re.compile(r"[-+]?[1-9]\d{0,2}(?:(?:,\\!|\{,\}|,|\\,)\d{3})+(?:\.\d+)?")
@@ -27,8 +29,8 @@ def last_boxed(text: str) -> str | None:
     """Content of the last answer marker in `text`, in any common spelling: `\\boxed{..}` (also with a
     space before the brace), `\\fbox{..}`, `\\framebox{..}`, a brace-less `\\boxed 5` (to the end of its
     math or line, as the MATH reference grader reads it), `<answer>..</answer>`, or a stated "final
-    answer: .." / "the final answer is .." (its math, else its sentence; one that states nothing
-    answer-like, as in "the final answer is correct", is no marker). None when the last marker is
+    answer: .." / "the final answer is .." / a line "Answer: .." (DAPO-Math's) (its math, else its
+    sentence; one that states nothing answer-like, as in "the final answer is correct", is no marker). None when the last marker is
     empty, unbalanced or unclosed: falling back to an earlier marker would grade an answer the model
     went on to revise (a known math-verify false positive)."""
     marks = [(m.end(), _boxed) for m in _BOX.finditer(text)] + [(m.end(), _tagged) for m in _TAG.finditer(text)]

@@ -150,13 +150,14 @@ def adapt(fn) -> Reward:
     return fn if isinstance(fn, Reward) else Reward(fn)
 
 
-def load(name: str, search=()) -> Reward:
-    """The function `name` ('module:function') adapted. The directories in `search` go to the front
-    of sys.path first, as PYTHONPATH would put them, so the module (and its own imports) resolve from
-    the working directory or beside a recipe. Raises ValueError, one line, when it cannot be loaded."""
+def import_function(name: str, search=(), kind: str = "reward"):
+    """The callable `name` ('module:function') names. The directories in `search` go to the front of
+    sys.path first, as PYTHONPATH would put them, so the module (and its own imports) resolve from the
+    working directory or beside a recipe. Raises ValueError, one line starting "{kind} {name!r}: ",
+    when it cannot be imported."""
     module, _, attr = name.partition(":")
     if not module or not attr:
-        raise ValueError(f"reward {name!r}: expected 'module:function'")
+        raise ValueError(f"{kind} {name!r}: expected 'module:function'")
     search = tuple(str(d) for d in search)
     for d in reversed(search):
         if d not in sys.path:
@@ -164,11 +165,18 @@ def load(name: str, search=()) -> Reward:
     try:
         fn = getattr(importlib.import_module(module), attr)
     except AttributeError:
-        raise ValueError(f"reward {name!r}: module {module!r} has no {attr!r}") from None
+        raise ValueError(f"{kind} {name!r}: module {module!r} has no {attr!r}") from None
     except Exception as exc:  # ImportError, or whatever the module raised while importing
         where = f" (searched {', '.join(search)} and sys.path)" if isinstance(exc, ModuleNotFoundError) else ""
-        raise ValueError(f"reward {name!r}: module {module!r} cannot be imported: "
+        raise ValueError(f"{kind} {name!r}: module {module!r} cannot be imported: "
                          f"{type(exc).__name__}: {exc}{where}") from None
     if not callable(fn):
-        raise ValueError(f"reward {name!r}: {attr!r} is a {type(fn).__name__}, not a function")
-    return Reward(fn, name, search)
+        raise ValueError(f"{kind} {name!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def load(name: str, search=()) -> Reward:
+    """The function `name` ('module:function') adapted, imported by `import_function` from `search`
+    and sys.path. Raises ValueError, one line, when it cannot be loaded."""
+    search = tuple(str(d) for d in search)
+    return Reward(import_function(name, search), name, search)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Every preset follows M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
+# The MiniMax presets follow M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
 # MiniMaxConfig's; max_position_embeddings is spelled out (131,072 is its default) because plan reads it.
 PRESETS: dict[str, dict] = {
     # 3.8M parameters: the CPU calibration model (docs/notes.md#tiny).
@@ -22,10 +22,37 @@ PRESETS: dict[str, dict] = {
                num_key_value_heads=8, head_dim=128, num_local_experts=32, num_experts_per_tok=2,
                block_size=256, max_position_embeddings=10_240_000),
 }
+# One tiny preset per other linear-state family (rollout.families), in its own config class's keys with
+# its `model_type`: random models of each family's layout to try the engine and trainer without weights.
+# Special-token ids are unset: some classes default to ids of their real vocabularies (Kimi's pad is 163839).
+_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+             pad_token_id=None, bos_token_id=None, eos_token_id=None)
+_TINY_GDN = dict(_TINY, num_hidden_layers=4, intermediate_size=128, head_dim=16, linear_key_head_dim=16,
+                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 layer_types=["linear_attention"] * 3 + ["full_attention"])
+_TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+# Kimi Linear and Ling 2.5: MLA softmax layers, one dense MLP then MoE.
+_TINY_MLA = dict(_TINY, num_hidden_layers=4, num_key_value_heads=4, intermediate_size=128, kv_lora_rank=32,
+                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                 layer_types=["linear_attention"] * 3 + ["full_attention"], mlp_layer_types=["dense"] + ["sparse"] * 3,
+                 num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+PRESETS.update({
+    "tiny-qwen3_5": dict(_TINY_GDN, model_type="qwen3_5_text"),
+    "tiny-qwen3_5_moe": dict(_TINY_GDN, model_type="qwen3_5_moe_text", **_TINY_MOE),
+    "tiny-qwen3_next": dict(_TINY_GDN, model_type="qwen3_next", **_TINY_MOE),
+    "tiny-kimi_linear": dict(_TINY_MLA, model_type="kimi_linear", linear_head_dim=16, linear_num_heads=4),
+    "tiny-bailing_hybrid": dict(_TINY_MLA, model_type="bailing_hybrid", head_dim=16, n_group=1, topk_group=1,
+                                num_mtp_layers=0),
+    "tiny-nemotron_h": dict(_TINY, model_type="nemotron_h", head_dim=16, intermediate_size=128,
+                            layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                            ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,
+                            n_routed_experts=4, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64),
+})
 
 
 def preset_config(name: str) -> dict:
-    """The MiniMaxConfig fields of preset `name`; ValueError naming the valid presets if there is none."""
+    """The config fields of preset `name` (MiniMaxConfig's unless it names a `model_type`); ValueError naming
+    the valid presets if there is none."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -51,9 +78,11 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    preset: str = Field("tiny", description="build_hybrid preset (tiny | small | m1) for a fresh random model")
+    preset: str = Field("tiny", description="preset for a fresh random model (PRESETS): tiny | small | m1 (MiniMax), "
+                        "or tiny-<model type> for another family (tiny-qwen3_5, tiny-kimi_linear, ...)")
     path: str | None = Field(None, description="an HF causal-LM directory to start from instead of a preset")
-    overrides: dict = Field(default_factory=dict, description="MiniMaxConfig fields applied over the preset")
+    overrides: dict = Field(default_factory=dict, description="config fields (of the preset's own config class) "
+                            "applied over the preset")
     seed: int = Field(0, description="seed for a fresh model's initial weights")
     chat_template: bool = Field(False, description="encode each prompt as one user turn of the tokenizer's chat "
                                 "template, with its generation prompt; false: tok(prompt) (with the tokenizer's "
@@ -85,6 +114,10 @@ class RolloutConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")
     engine: str = Field("cispo", description="the decode engine a worker runs (ENGINES): cispo (ours: continuous "
                         "batching, any supported HF causal LM) | hf (transformers' generate, one request at a time)")
+    function: str = Field("rollout.trajectory:single_turn", description="the rollout function, 'module:fn' "
+                          "(rollout.trajectory.RolloutFunction), imported from the working directory, the recipe's "
+                          "directory and sys.path: it turns a draw's prompts into trajectories by calling the engine, "
+                          "and marks which tokens train")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
                                                    "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 

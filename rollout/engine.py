@@ -1,9 +1,10 @@
 """Our decode loop over any supported HF causal LM: continuous batching, shared-prompt prefill,
 counter-based per-row random streams, fp32 logprobs.
 
-Each prompt is prefilled once and its cache replicated for its n samples: MiniMax's linear layers
-hold an O(1) state, so replication costs a [heads, d, d] copy per layer plus the softmax layers' KV
-(dense models: KV only). Finished rows leave the batch at once and queued requests take their place,
+Each prompt is prefilled once and its cache forked for its n samples: a linear-state layer holds an
+O(1) state (rollout.states: a matrix state, plus a short-conv state for GDN, KDA and Mamba2), so
+forking copies those per layer plus the softmax layers' KV (dense models: KV only). Every family
+(rollout.families) runs through the same `StateCache` operations, so this loop knows none of them. Finished rows leave the batch at once and queued requests take their place,
 so a long-tailed batch costs only its live rows. Rows never influence each other: each has its own
 random stream (rollout.sampling), positions and mask.
 
@@ -23,39 +24,10 @@ import torch.nn.functional as F
 
 from rollout.config import ENGINES, RolloutConfig
 from rollout.kernels import use_fla_lightning
-from rollout.model import HybridCache, head_logits, new_cache, use_decode_attention
+from rollout.model import head_logits, new_cache, use_decode_attention
+from rollout.states import StateCache
 from rollout.sampling import sample, seed_key, uniforms
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()  # checked on the decoded text; needs `generate(..., decode=)`
-    # M1 stops a generation once this many consecutive tokens each had probability > repetition_prob.
-    repetition_tokens: int = 3000
-    repetition_prob: float = 0.99
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    n: int = 1
-    seed: int = 0
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class Completion:
-    request_index: int
-    sample_index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # stop | length | repetition
-    weight_version: int = 0
+from rollout.trajectory import Request, SamplingParams, Trajectory
 
 
 FINISH_REASONS = (None, "stop", "repetition", "length")  # indexed by the device-side finish code
@@ -124,7 +96,7 @@ class _Rows:
 @dataclass
 class _Batch:
     """The running rows: their cache, left-padded attention mask, next positions and pending logits."""
-    cache: HybridCache
+    cache: StateCache
     mask: torch.Tensor       # [rows, cache length + pending]; 0 marks padding
     next_pos: torch.Tensor   # [rows] position of each row's next token
     logits: torch.Tensor     # [rows, vocab] fp32, to sample each row's next token from
@@ -186,7 +158,7 @@ def _leave(batch: _Batch, keep: list[int]) -> _Batch | None:
                   [batch.samples[r] for r in keep])
 
 
-def decode_step(model, cache: HybridCache, mask: torch.Tensor, positions: torch.Tensor,
+def decode_step(model, cache: StateCache, mask: torch.Tensor, positions: torch.Tensor,
                 tokens: torch.Tensor, head_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Feed each row one token; returns the next logits [rows, vocab] (fp32, from a `head_dtype` head).
 
@@ -228,8 +200,9 @@ def _admit(queue: deque, requests: list[Request], live: int, max_batch_rows: int
 
 @torch.no_grad()
 def generate(model, requests: list[Request], pad_id: int, weight_version: int = 0,
-             max_batch_rows: int = 256, decode=None, head_dtype: torch.dtype = torch.float32) -> list[Completion]:
-    """Generate every request's n samples; returns completions in request order, then sample order.
+             max_batch_rows: int = 256, decode=None, head_dtype: torch.dtype = torch.float32) -> list[Trajectory]:
+    """Generate every request's n samples; returns trajectories in request order, then sample order,
+    each token tagged `weight_version`.
 
     At most `max_batch_rows` sequences decode together (a request's samples are admitted together,
     since they share one prefill); queued requests join as rows finish. Sample s of a request with
@@ -256,24 +229,45 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
             batch.logits = decode_step(model, batch.cache, batch.mask, batch.next_pos,
                                        tokens[torch.tensor(keep, device=tokens.device)], head_dtype)
             batch.next_pos = batch.next_pos + 1
-    return [Completion(s.q, s.s, s.tokens, s.logprobs, s.finish, weight_version) for group in samples for s in group]
+    return [Trajectory.sampled(requests[s.q].prompt_ids, s.tokens, s.logprobs, s.finish, weight_version)
+            for group in samples for s in group]
 
 
-class CispoEngine:
-    """The rollout engine interface, implemented by this module's `generate`.
+class Engine:
+    """The rollout engine interface, and what every engine shares.
 
-    An engine is built as `Engine(model, config, pad_id, tokenizer)` from a loaded HF causal LM on
-    its device, and offers `generate(requests) -> completions` (request order, then sample order),
-    `load_weights(state_dict, version)` and `close()`. This one switches the model to the decode
-    attention kernel and MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2)
-    whatever the body's dtype; on CUDA a
-    MiniMax model's lightning attention runs fla's kernels (rollout.kernels). `head_dtype=torch.bfloat16`
-    keeps the head in bf16 instead, as M1 had it before its fix; only experiments/fp32_head.py asks for it.
+    An engine is built as `Engine(model, config, pad_id, tokenizer)` from a loaded HF causal LM on its
+    device, and offers `generate(requests) -> list[Trajectory]` (request order, then sample order,
+    each token tagged with `self.version`), `load_weights(state_dict, version)` and `close()`. A new
+    engine subclasses this, writes `generate`, and is registered with one line in rollout.config.ENGINES.
+    """
+
+    def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None):
+        self.model, self.config, self.pad_id, self.tokenizer, self.version = model.eval(), config, pad_id, tokenizer, 0
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        """Copy `state_dict` (any dtype, any device) into the model, cast to each parameter's dtype;
+        tokens sampled from now on carry `version`."""
+        self.model.load_state_dict(state_dict)
+        self.version = version
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class CispoEngine(Engine):
+    """This module's `generate` as an engine. It switches the model to the decode attention kernel and
+    MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
+    CUDA a MiniMax model's lightning attention runs fla's kernels (rollout.kernels).
+    `head_dtype=torch.bfloat16` keeps the head in bf16 instead, as M1 had it before its fix; only
+    experiments/fp32_head.py asks for it.
     """
 
     def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None,
                  head_dtype: torch.dtype = torch.float32):
-        self.model = model.eval()
+        super().__init__(model, config, pad_id, tokenizer)
         use_decode_attention(self.model)
         self.head_dtype = head_dtype
         self.model.lm_head.to(head_dtype)  # its weights then arrive from load_weights in this dtype too
@@ -287,24 +281,13 @@ class CispoEngine:
                 use_fla_lightning(self.model)
             except ImportError as e:
                 print(f"warning: {e}; lightning attention stays on the torch path", flush=True)
-        self.config, self.pad_id, self.tokenizer, self.version = config, pad_id, tokenizer, 0
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
+    def generate(self, requests: list[Request]) -> list[Trajectory]:
         return generate(self.model, requests, self.pad_id, self.version, self.config.max_batch_rows,
                         decode=self._text if self.tokenizer is not None else None, head_dtype=self.head_dtype)
 
     def _text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def load_weights(self, state_dict: dict, version: int) -> None:
-        """Copy `state_dict` (any dtype, any device) into the model, cast to each parameter's dtype."""
-        self.model.load_state_dict(state_dict)
-        self.version = version
-
-    def close(self) -> None:
-        self.model = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def engine_class(name: str):

@@ -1,5 +1,5 @@
 """transformers' `generate` as a rollout engine: the baseline our engine is measured against, and a
-second implementation of the engine interface (rollout.engine.CispoEngine documents it).
+second implementation of the engine interface (rollout.engine.Engine documents it).
 
 One `generate` call per request (its n samples as `num_return_sequences`), so no request waits for
 another's budget but rows never share a batch across requests. Sampling uses HF's own logits
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from rollout.config import RolloutConfig
-from rollout.engine import Completion, Request
+from rollout.engine import Engine
 from rollout.model import fp32_logits, new_cache
+from rollout.trajectory import Request, Trajectory
 
 
-class HFGenerateEngine:
-    def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None):
-        self.model, self.config, self.pad_id, self.version = model.eval(), config, pad_id, 0
-
+class HFGenerateEngine(Engine):
     @torch.no_grad()
-    def generate(self, requests: list[Request]) -> list[Completion]:
+    def generate(self, requests: list[Request]) -> list[Trajectory]:
         for q, r in enumerate(requests):
             if r.params.stop_strings:
                 raise ValueError(f"request {q}: the hf engine does not support stop_strings; use rollout.engine=cispo")
@@ -31,9 +28,9 @@ class HFGenerateEngine:
                 raise ValueError(f"request {q}: the hf engine has no repetition stop (repetition_tokens="
                                  f"{r.params.repetition_tokens} <= max_new_tokens={r.params.max_new_tokens}); "
                                  f"raise rollout.repetition_tokens or use rollout.engine=cispo")
-        return [c for q, r in enumerate(requests) for c in self._request(q, r)]
+        return [t for r in requests for t in self._request(r)]
 
-    def _request(self, q: int, r: Request) -> list[Completion]:
+    def _request(self, r: Request) -> list[Trajectory]:
         p, device = r.params, self.model.lm_head.weight.device
         prompt = torch.tensor([r.prompt_ids], device=device)
         sampled = p.temperature > 0
@@ -49,8 +46,8 @@ class HFGenerateEngine:
             responses.append(row[:end] if end else row)
             reasons.append("stop" if end else "length")
         logprobs = self._logprobs(r.prompt_ids, responses, p.temperature or 1.0)
-        return [Completion(q, s, ids, lp, reason, self.version)
-                for s, (ids, lp, reason) in enumerate(zip(responses, logprobs, reasons))]
+        return [Trajectory.sampled(r.prompt_ids, ids, lp, reason, self.version)
+                for ids, lp, reason in zip(responses, logprobs, reasons)]
 
     def _logprobs(self, prompt: list[int], responses: list[list[int]], temperature: float) -> list[list[float]]:
         """Teacher-forced fp32-head log π of each response token; responses right-padded (causal, so exact)."""
@@ -60,10 +57,3 @@ class HFGenerateEngine:
         logp = torch.log_softmax(fp32_logits(self.model, hidden) / temperature, -1)
         chosen = logp.gather(2, ids[:, len(prompt):, None]).squeeze(2).tolist()
         return [row[:len(t)] for row, t in zip(chosen, responses)]
-
-    def load_weights(self, state_dict: dict, version: int) -> None:
-        self.model.load_state_dict(state_dict)
-        self.version = version
-
-    def close(self) -> None:
-        self.model = None

@@ -1,22 +1,22 @@
-"""The hybrid model: M1's lightning-attention MoE layout on transformers' MiniMaxForCausalLM.
+"""The models: M1's lightning-attention MoE layout on transformers' MiniMaxForCausalLM, and tiny presets
+of the other supported families (rollout.families), built offline.
 
-Also owns the two model fixes both generation and training need: a cache that reports the true
-sequence length when layer 0 is linear (docs/notes.md#model), and the fp32 LM head (M1 §3.2).
+Also owns what both generation and training need: the engine's cache for a model (from its family's
+adapter; rollout.states), the decode attention kernel, and the fp32 LM head (M1 §3.2).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import (AttentionInterface, AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM,
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM,
                           PreTrainedTokenizerFast)
-from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from rollout.config import m1_layer_types, preset_config
+from rollout.families import family_of
+from rollout.states import StateCache
 
 
 def build_hybrid(preset: str, vocab_size: int, **overrides) -> MiniMaxForCausalLM:
@@ -25,120 +25,50 @@ def build_hybrid(preset: str, vocab_size: int, **overrides) -> MiniMaxForCausalL
     `layer_types` sets the layout; transformers silently ignores the older `attn_type_list`.
     """
     kwargs = {**preset_config(preset), **overrides}
+    if "model_type" in kwargs:
+        raise ValueError(f"preset {preset!r} is a {kwargs['model_type']} model, not MiniMax; build it with build_model")
     kwargs.setdefault("layer_types", m1_layer_types(kwargs["num_hidden_layers"]))
     # `eager` experts: the default grouped_mm backend gave NaN grads when an expert got no tokens (docs/notes.md#model).
     config = MiniMaxConfig(vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)
     config._experts_implementation = "eager"
-    model = MiniMaxForCausalLM(config)
+    return _random_pad_row(MiniMaxForCausalLM(config))
+
+
+def build_model(preset: str, vocab_size: int, **overrides):
+    """A randomly initialized causal LM of `preset` (rollout.config.PRESETS), built offline.
+
+    A preset without `model_type` is MiniMax's layout (`build_hybrid`); one with a `model_type` is built
+    from that family's own config class and causal-LM class (AutoConfig / AutoModelForCausalLM). Raises
+    ValueError naming the valid presets for an unknown one, or the supported model types for a type
+    the engine has no adapter for.
+    """
+    kwargs = {**preset_config(preset), **overrides}
+    model_type = kwargs.pop("model_type", "minimax")
+    if model_type == "minimax":
+        return build_hybrid(preset, vocab_size, **overrides)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)
+    family_of(config)
+    config._experts_implementation = "eager"
+    return _random_pad_row(AutoModelForCausalLM.from_config(config))
+
+
+def _random_pad_row(model):
+    """The pad row starts at zero; a sampled pad token then makes an all-zero row in layer 0's linear
+    attention, whose backward gave inf/NaN gradients (measured on MiniMax). A random row avoids it."""
+    config = model.config
     if config.pad_token_id is not None:
-        # The pad row starts at zero; a sampled pad token then makes an all-zero row in layer 0's
-        # lightning attention, whose backward gave inf/NaN gradients (measured). A random row avoids it.
         with torch.no_grad():
-            model.model.embed_tokens.weight[config.pad_token_id].normal_(0.0, config.initializer_range)
+            model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
     return model
 
 
-class GrowingLayer(DynamicLayer):
-    """A softmax layer's KV that writes into spare capacity instead of concatenating.
+def new_cache(model) -> StateCache:
+    """An empty engine cache for `model`, from its family's adapter (rollout.families).
 
-    Upstream `DynamicLayer.update` concatenates, copying the whole KV for every decoded token, so a
-    softmax layer's per-token cost grows with context; here a copy happens once per 25% of growth.
-    `keys`/`values` stay views of the stores, so upstream code reading them is unchanged.
+    Raises ValueError naming the model type and the supported ones when no adapter covers it, or naming
+    the layer when a layer's kind cannot be batched (sliding-window attention, for example).
     """
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.set(key_states[..., :0, :], value_states[..., :0, :])
-        start = self.keys.shape[-2]
-        end = start + key_states.shape[-2]
-        if end > self.key_store.shape[-2]:
-            self.set(self.keys, self.values, room=key_states.shape[-2])
-        self.key_store[..., start:end, :] = key_states
-        self.value_store[..., start:end, :] = value_states
-        self.keys, self.values = self.key_store[..., :end, :], self.value_store[..., :end, :]
-        return self.keys, self.values
-
-    def set(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
-        """Replace the contents with `keys`/`values` [B, heads, T, d], keeping spare capacity after them."""
-        length = keys.shape[-2]
-        capacity = length + room + max(length // 4, 256)
-        self.key_store = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
-        self.value_store = values.new_empty((*values.shape[:2], capacity, values.shape[-1]))
-        self.key_store[..., :length, :] = keys
-        self.value_store[..., :length, :] = values
-        self.keys, self.values = self.key_store[..., :length, :], self.value_store[..., :length, :]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.set(self.keys[indices], self.values[indices])
-
-
-class HybridCache(MiniMaxCache):
-    """The engine's cache for any supported model: MiniMax's hybrid layout, or dense softmax layers.
-
-    It measures length on the first softmax layer: upstream MiniMaxCache reads layer 0, which is a
-    linear layer in M1's layout and never stores keys, so it reports 0 and breaks padded cached
-    decoding and chunked prefill (docs/notes.md#model). Being a MiniMaxCache (a DynamicCache) it is accepted by
-    MiniMax models and by dense ones (Llama, Qwen2), which then simply have no linear states.
-    Rows are sequences: `select` drops finished ones, `extend` appends newly prefilled ones. Linear
-    layers hold one [heads, d, d] state per row; softmax layers hold left-padded KV of one length.
-    """
-
-    def __init__(self, layer_types: list[str]):
-        super().__init__()
-        self.layer_class_to_replicate = GrowingLayer
-        self.length_layer = layer_types.index("full_attention") if "full_attention" in layer_types else 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return super().get_seq_length(layer_idx or self.length_layer)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return super().get_mask_sizes(query_length, layer_idx or self.length_layer)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.select(indices)
-
-    def select(self, rows: torch.Tensor, drop_left: int = 0) -> None:
-        """Keep batch `rows` and drop the first `drop_left` positions (padding that every kept row has)."""
-        # Upstream indexes `linear_cache` for every layer and fails when the last layer is softmax.
-        self.linear_cache = [s[rows] if isinstance(s, torch.Tensor) else s for s in self.linear_cache]
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.set(layer.keys[rows, :, drop_left:], layer.values[rows, :, drop_left:])
-
-    def extend(self, other: "HybridCache") -> tuple[int, int]:
-        """Append `other`'s rows after ours. The shorter side's KV is left-padded so that both end at
-        the same position; returns the padding added to (ours, theirs), for the attention masks."""
-        length = max(self.get_seq_length(), other.get_seq_length())
-        pads = length - self.get_seq_length(), length - other.get_seq_length()
-        self.linear_cache = [torch.cat([a, b]) if isinstance(a, torch.Tensor) else a
-                             for a, b in zip(self.linear_cache, other.linear_cache)]
-        for mine, theirs in zip(self.layers, other.layers):
-            if mine.is_initialized:
-                mine.set(*(torch.cat([F.pad(a, (0, 0, pads[0], 0)), F.pad(b, (0, 0, pads[1], 0))])
-                           for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values))))
-        return pads
-
-
-ENGINE_LAYER_TYPES = ("full_attention", "linear_attention")
-
-
-def layer_types(config) -> list[str]:
-    """Each layer's attention kind; dense configs without `layer_types` are all full attention.
-
-    Raises ValueError for kinds the engine's cache cannot batch (sliding-window or SSM layers).
-    """
-    types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-    for i, kind in enumerate(types):
-        if kind not in ENGINE_LAYER_TYPES:
-            raise ValueError(f"{config.model_type} layer {i} is {kind!r}; the rollout engine runs "
-                             f"{' and '.join(ENGINE_LAYER_TYPES)} layers only")
-    return types
-
-
-def new_cache(model) -> HybridCache:
-    return HybridCache(layer_types(model.config))
+    return family_of(model.config).new_cache(model)
 
 
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -158,7 +88,7 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None:  # bool [b, 1, 1, kv_length] from `sdpa_mask`
         scores = scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf"))
     out = torch.softmax(scores, -1) @ value
-    return out.view(b, heads, 1, d).transpose(1, 2), None
+    return out.view(b, heads, 1, value.shape[-1]).transpose(1, 2), None  # MLA: value heads differ from query heads
 
 
 AttentionInterface.register("decode", _decode_attention)
@@ -187,11 +117,10 @@ def head_logits(model, hidden: torch.Tensor, dtype: torch.dtype = torch.float32)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Any HF causal-LM directory, in `dtype` on `device`; MiniMax models get eager experts like
-    `build_hybrid` ones."""
+    """Any HF causal-LM directory, in `dtype` on `device`, with eager experts like `build_model`'s
+    (training needs them; the engine switches its replica to grouped GEMMs)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-    if model.config.model_type == "minimax":
-        model.config._experts_implementation = "eager"
+    model.config._experts_implementation = "eager"
     return model
 
 
@@ -224,7 +153,7 @@ def starting_model(cfg) -> tuple:
         return load_model(cfg.path), load_tokenizer(cfg.path)
     tok = build_char_tokenizer(cfg.alphabet)
     torch.manual_seed(cfg.seed)
-    model = build_hybrid(cfg.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    model = build_model(cfg.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, **cfg.overrides)
     return model, tok
 

@@ -9,8 +9,9 @@ import torch
 from ray.exceptions import RayActorError
 
 from rollout.config import RolloutConfig
-from rollout.engine import Completion, Request, engine_class
+from rollout.engine import engine_class
 from rollout.model import load_model, load_tokenizer
+from rollout.trajectory import Request, Trajectory
 
 
 @ray.remote
@@ -19,24 +20,26 @@ class RolloutWorker:
 
     It runs on the first GPU Ray gives it (`resources.rollout.gpus`, fractions included) and on the CPU
     otherwise, with weights in `config.dtype` (auto: bf16 on a GPU, fp32 on CPU). To add an engine,
-    write one class with `__init__(model, config, pad_id, tokenizer)`, `generate(requests) ->
-    completions`, `load_weights(state_dict, version)` and `close()` (rollout.engine.CispoEngine and
-    rollout.hf_engine.HFGenerateEngine are the two there are), and register it with one line in
+    subclass rollout.engine.Engine with its `generate(requests) -> trajectories` (rollout.engine.CispoEngine
+    and rollout.hf_engine.HFGenerateEngine are the two there are), and register it with one line in
     rollout.config.ENGINES; recipes then choose it by `rollout.engine`.
     """
 
     def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig):
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
         torch.set_num_threads(config.threads or os.cpu_count())
-        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours.
-        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours. The
+        # in-process stand-in for Ray on the GPU test machine (../shared/gpu) has no get_gpu_ids: there the
+        # one process holds every visible GPU.
+        gpu_ids = ray.get_gpu_ids() if hasattr(ray, "get_gpu_ids") else range(torch.cuda.device_count())
+        gpu = bool(gpu_ids) and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         dtype = torch.bfloat16 if config.dtype == "bf16" or (config.dtype == "auto" and gpu) else torch.float32
         model = load_model(model_dir, dtype=dtype, device=self.device)
         # Stop strings are matched on text, so the engine gets the tokenizer saved beside the model.
         self.engine = engine_class(config.engine)(model, config, pad_id, load_tokenizer(model_dir))
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
+    def generate(self, requests: list[Request]) -> list[Trajectory]:
         return self.engine.generate(requests)
 
     def update_weights(self, state_dict: dict, version: int) -> int:
@@ -91,8 +94,8 @@ class RolloutPool:
         """Start generating `requests` on the workers and return at once; `.result()` waits."""
         return Rollout(self, requests)
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
-        """Completions in request order, then sample order, whichever workers ran them."""
+    def generate(self, requests: list[Request]) -> list[Trajectory]:
+        """Trajectories in request order, then sample order, whichever workers ran them."""
         return self.submit(requests).result()
 
     def nodes(self) -> list[str]:
@@ -126,7 +129,7 @@ class Rollout:
     def __init__(self, pool: RolloutPool, requests: list[Request]):
         self.pool, self.requests = pool, requests
         self.running: dict = {}  # ObjectRef -> (worker, request indices)
-        self.done: list[Completion] = []
+        self.done: dict[int, list[Trajectory]] = {}  # request index -> its n samples
         self._dispatch(list(range(len(requests))))
 
     def _dispatch(self, todo: list[int]) -> None:
@@ -140,18 +143,16 @@ class Rollout:
                 ids = [todo[j] for j in share]
                 self.running[worker.generate.remote([self.requests[i] for i in ids])] = (worker, ids)
 
-    def result(self) -> list[Completion]:
-        """Completions in request order, then sample order."""
+    def result(self) -> list[Trajectory]:
+        """Trajectories in request order, then sample order."""
         while self.running:
             [ref], _ = ray.wait(list(self.running), num_returns=1)
             worker, ids = self.running.pop(ref)
             try:
-                completions = ray.get(ref)
+                flat = iter(ray.get(ref))
             except RayActorError:
                 self.pool._drop(worker)
                 self._dispatch(ids)
                 continue
-            for c in completions:
-                c.request_index = ids[c.request_index]
-            self.done += completions
-        return sorted(self.done, key=lambda c: (c.request_index, c.sample_index))
+            self.done.update({i: [next(flat) for _ in range(self.requests[i].n)] for i in ids})
+        return [t for i in range(len(self.requests)) for t in self.done[i]]

@@ -41,3 +41,26 @@ def test_a_group_whose_rewards_all_agree_gets_exactly_zero(estimator):
     a = advantages(rewards, group, estimator)
     assert torch.equal(a[:75], torch.zeros(75))
     assert (a[75:] != 0).all() and a[76] > 0 > a[75]  # a real spread, however small, still counts
+
+
+@pytest.mark.parametrize("estimator", ["group_std", "no_std", "leave_one_out"])
+def test_a_sandbox_failure_is_left_out_of_its_groups_baseline(estimator):
+    """verl PR #6375: [1, 1, 1, 0] where the 0 is a sandbox failure got [0.5, 0.5, 0.5, -1.5]; the three real
+    outcomes agree, so they carry no signal, and the failure itself gets 0 (it gets no loss either)."""
+    rewards, group = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long)
+    valid = torch.tensor([True, True, True, False])
+    assert advantages(rewards, group, estimator).abs().sum() > 0  # counted, the failure makes a spread
+    assert torch.equal(advantages(rewards, group, estimator, valid=valid), torch.zeros(4))
+
+
+def test_the_baseline_is_that_of_the_valid_rewards_alone():
+    """Ours, same class: a group with a spread keeps its statistics over the real outcomes only: the mean,
+    the std and RLOO's G/(G-1) see three responses, not four; a group with one valid response has no spread."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    valid = torch.tensor([True, True, True, False, True, False, False])
+    real = rewards[:3]
+    assert torch.allclose(advantages(rewards, group, valid=valid),
+                          torch.cat([(real - real.mean()) / real.std(), torch.zeros(4)]), atol=1e-5)
+    assert torch.allclose(advantages(rewards, group, "leave_one_out", valid=valid),
+                          torch.tensor([1 - 0.0, 0 - 0.5, 0 - 0.5, 0, 0, 0, 0]))

@@ -2,7 +2,7 @@
 import torch
 
 from cispo.batching import MIN_FILL, assign, minibatches, pad_rows, shard
-from cispo.config import TrainerConfig
+from cispo.sections import TrainerConfig
 from cispo.loss import normalize
 
 

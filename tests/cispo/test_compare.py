@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from cispo.cli import main
-from cispo.compare import steps_to_target
+from cispo.config import dump_recipe, load_recipe
+from cispo.compare import collect, load_spec, render, steps_to_target
 from tests.conftest import REPO
 
 
@@ -98,3 +99,32 @@ def test_compare_runs_both_losses_from_one_warm_start_and_reports_their_numbers(
     assert main(["compare", spec]) == 0
     assert "3 of 3 runs already finished" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-3/metrics.jsonl")} == before
+
+
+def test_claims_follow_each_variants_loss_not_its_name(tmp_path):
+    """Run dirs written as `cispo train` writes them (config.yaml, metrics.jsonl, summary.json), for
+    variants whose names say nothing of their loss: the claims table finds CISPO, DAPO and GRPO by
+    `algorithm.name`, and the tables hold each run's numbers."""
+    spec = {"a": (["algorithm.name=cispo", "algorithm.eps_high=4"], [0.2, 0.5, 0.6], 0.01),
+            "b": (["algorithm.name=dapo", "algorithm.eps_high=0.28", "algorithm.eps_low=0.2"], [0.2, 0.3, 0.5], 0.2),
+            "c": (["algorithm.name=grpo", "algorithm.eps_high=0.2", "algorithm.eps_low=0.2"], [0.2, 0.3, 0.4], 0.3)}
+    path = _spec(tmp_path, variants={n: v for n, (v, _, _) in spec.items()}, main=["a", "b", "c"], target="b",
+                 sweeps={})
+    loaded, out = load_spec(path), tmp_path / "out"
+    for name, (variant, accuracy, clipped) in spec.items():
+        run = out / name / "seed-3"
+        run.mkdir(parents=True)
+        dump_recipe(load_recipe(loaded.base, loaded.overrides + variant + [f"run.dir={run}"]), run / "config.yaml")
+        rows = [{"step": s, "eval_accuracy": a, "clip_fraction": clipped} for s, a in zip((2, 4), accuracy[1:])]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "summary.json").write_text(json.dumps({"eval_accuracy_start": accuracy[0], "wall_s": 60.0}))
+    results, unfinished = collect(loaded, out)
+    assert unfinished == []
+    report = render(loaded, results, None)
+    assert "**0.500**" in report  # b's final accuracy is the target
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert "| 2, not reached |" not in rows["a"] and "| 2 | 2 | 0.600 ± 0.000" in rows["a"] and "| 0.0100 | 60 |" in rows["a"]
+    assert "| 4 | 4 | 0.500 ± 0.000" in rows["b"] and "| not reached | not reached |" in rows["c"]
+    claims = report.split("## The papers' claims beside ours")[1]
+    assert "CISPO (a) 2, DAPO (b) 4; ratio 0.50, so it holds here" in claims
+    assert "CISPO ahead by 0.200 in mean final accuracy |" in claims

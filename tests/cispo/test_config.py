@@ -57,7 +57,7 @@ def test_recipe_key_reference_is_generated_from_the_config():
 
     text = recipe_keys()
     assert "|  |" not in text  # every key explains itself
-    assert "| `algorithm.name` | `'cispo'` |" in text and "Choices: cispo, cispo_masked, grpo, dapo, ppo." in text
+    assert "| `algorithm.name` | `'cispo'` |" in text and "Choices: cispo, cispo_masked, grpo, dapo, ppo, gspo or module:function." in text
     assert (REPO / "docs/recipe-keys.md").read_text() == text, \
         "docs/recipe-keys.md is stale: python -m cispo.config > docs/recipe-keys.md"
 

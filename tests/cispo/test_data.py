@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from cispo.config import DataConfig, RecipeError, SourceConfig
+from cispo.section import RecipeError
+from cispo.sections import DataConfig, SourceConfig
 from cispo.data import PromptSource, derive_seed, read_rows
 from rewards.code import parse_tests
 from tests.conftest import REPO

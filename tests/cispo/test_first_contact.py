@@ -6,7 +6,8 @@ import sys
 import pytest
 import yaml
 
-from cispo.config import DEEPSPEED_KEYS, RecipeError, load_recipe
+from cispo.config import RecipeError, load_recipe
+from cispo.sections import DEEPSPEED_KEYS
 from tests.conftest import REPO
 
 TINY = REPO / "recipes/tiny-arith.yaml"

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from cispo.config import Recipe, RecipeError, load_recipe
-from cispo.loss import (LOSSES, NORMALIZATIONS, clipped_is_weight, cispo_loss, loss_metrics, masked_objective,
-                        normalize, policy_loss, ppo_token_mask)
+from cispo.loss import (LOSSES, LossConfig, clipped_is_weight, cispo_loss, masked_objective, normalize, policy_health,
+                        policy_loss, ppo_token_mask)
 from rollout.model import token_logprobs
 
 
@@ -101,38 +101,10 @@ def test_cispo_loss_is_the_paper_default_of_policy_loss():
 
 def test_unknown_names_list_the_valid_ones():
     logp, old, adv, mask = _random_batch()
-    with pytest.raises(ValueError, match="valid: cispo, cispo_masked, grpo, dapo, ppo"):
+    with pytest.raises(ValueError, match="valid: cispo, cispo_masked, grpo, dapo, ppo, gspo or 'module:function'"):
         policy_loss("reinforce", logp, old, adv, mask, eps_high=0.2)
     with pytest.raises(ValueError, match="valid: group, token, sequence, sample_token"):
         policy_loss("cispo", logp, old, adv, mask, eps_high=0.2, normalization="batch")
-
-
-@pytest.fixture
-def registered_loss():
-    """A new loss added the way a contributor adds one: one registered function, nothing else."""
-    @LOSSES.register("reinforce", normalization="sequence", needs_eps_low=False)
-    def reinforce(logprobs, old_logprobs, advantages, *, eps_high, eps_low=None):
-        return -advantages.unsqueeze(1) * logprobs
-
-    @NORMALIZATIONS.register("first_token")
-    def first_token(mask, group_index=None):
-        weights = torch.zeros_like(mask)
-        weights[:, 0] = mask[:, 0] / mask[:, 0].sum()
-        return weights
-    yield
-    LOSSES.unregister("reinforce")
-    NORMALIZATIONS.unregister("first_token")
-
-
-def test_a_registered_loss_is_a_recipe_choice_with_its_defaults(registered_loss, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("algorithm: {name: reinforce, eps_high: 1.0}\n")
-    algorithm = load_recipe(recipe).algorithm
-    assert algorithm.normalization == "sequence" and algorithm.eps_low is None  # from the registration
-    assert load_recipe(recipe, ["algorithm.normalization=first_token"]).algorithm.normalization == "first_token"
-    logp, old, adv, mask = _random_batch()
-    loss = policy_loss("reinforce", logp, old, adv, mask, eps_high=1.0, normalization="sequence")
-    assert loss.item() == pytest.approx(normalize(-adv[:, None] * logp, mask, "sequence").item())
 
 
 def test_recipe_selects_every_loss_and_explains_bad_names(tmp_path):
@@ -140,29 +112,65 @@ def test_recipe_selects_every_loss_and_explains_bad_names(tmp_path):
     recipe.write_text("algorithm: {eps_high: 0.28}\n")
     assert load_recipe(recipe).algorithm.normalization == "group"
     assert load_recipe(recipe, ["algorithm.name=grpo", "algorithm.eps_low=0.2"]).algorithm.normalization == "sequence"
+    assert load_recipe(recipe, ["algorithm.name=gspo", "algorithm.eps_low=3e-4"]).algorithm.normalization == "sequence"
     assert load_recipe(recipe, ["algorithm.name=dapo", "algorithm.eps_low=0.2",
                                 "algorithm.normalization=sample_token"]).algorithm.normalization == "sample_token"
-    with pytest.raises(RecipeError, match="algorithm.name.*unknown loss 'gspo'; valid: cispo, cispo_masked, grpo, dapo, ppo"):
-        load_recipe(recipe, ["algorithm.name=gspo"])
+    with pytest.raises(RecipeError, match="algorithm.name.*unknown loss 'reinforce'; valid: cispo, .*, gspo or 'module:function'"):
+        load_recipe(recipe, ["algorithm.name=reinforce"])
     with pytest.raises(RecipeError, match="algorithm.eps_low.*state eps_low"):
         load_recipe(recipe, ["algorithm.name=dapo"])
+    with pytest.raises(RecipeError, match="algorithm.eps_low.*state eps_low"):
+        load_recipe(recipe, ["algorithm.name=gspo"])
     assert Recipe.model_validate({"algorithm": {"eps_high": 4.0}}).algorithm.eps_low is None  # M1: no lower bound
+    # A user's loss is checked for its form here and imported where it runs (tests/cispo/test_user_loss.py).
+    user = load_recipe(recipe, ["algorithm.name=my_losses:reinforce"])
+    assert user.algorithm.normalization == "token" and user.algorithm.loss_section().name == "my_losses:reinforce"
+    with pytest.raises(RecipeError, match=r"key 'algorithm.name' = 'my_losses:reinforce': module 'my_losses' cannot be imported"):
+        user.loss()
 
 
-def test_loss_metrics_count_the_fork_tokens_cispo_keeps():
+def test_every_loss_reports_its_clip_fraction():
+    logp, old, adv, mask = _random_batch()
+    for name in LOSSES:
+        cfg = LossConfig(name=name, eps_high=0.28, eps_low=0.2)
+        per_token, figures = LOSSES[name].fn(logp, old, adv, mask, group_index=torch.arange(8), cfg=cfg)
+        assert per_token.shape == logp.shape and figures["clip_fraction"].shape == logp.shape
+        assert 0 < figures["clip_fraction"][mask.bool()].mean() < 1, name  # both clipped and unclipped
+
+
+def test_gspo_gives_every_token_of_a_response_its_sequence_ratio_gradient():
+    # Row 0: s = exp(mean(0.1, -0.3)) = e^-0.1 ≈ 0.905 inside the clip with ε = 0.2: each of its two tokens gets
+    # ∂(−J)/∂logπ_t = −(1/N)·A·s/|y| with N = 2 responses. Row 1: s = e^0.5 > 1.2 with A > 0: clipped, no gradient.
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, -0.3, 5.0], [0.5, 0.5, 0.5]], requires_grad=True)  # 5.0 is padding
+    adv, mask = torch.tensor([-1.5, 2.0]), torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    loss = policy_loss("gspo", logp, old, adv, mask, eps_high=0.2, eps_low=0.2)
+    (g,) = torch.autograd.grad(loss, logp)
+    s = torch.exp(torch.tensor(-0.1))
+    assert loss.item() == pytest.approx(-(s * -1.5 + 1.2 * 2.0).item() / 2, rel=1e-6)
+    assert g[0, :2].tolist() == pytest.approx([(1.5 * s / 2 / 2).item()] * 2, rel=1e-6)
+    assert g[0, 2] == 0 and (g[1] == 0).all()
+    _, figures = LOSSES["gspo"].fn(logp, old, adv, mask, group_index=torch.arange(2),
+                                   cfg=LossConfig(name="gspo", eps_high=0.2, eps_low=0.2))
+    assert figures["clip_fraction"].tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_policy_health_counts_the_fork_tokens_cispo_keeps():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.0, 2.0, 0.5, 3.0]]))
     adv, mask = torch.tensor([1.0]), torch.tensor([[1.0, 1, 1, 0]])
-    m = loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=0.28)
+    m = policy_health(logp, old, adv, mask, torch.ones(1, 4))
     assert m["ppo_zeroed_fraction"] == pytest.approx(1 / 3)  # r = 2 with A > 0; r = 3 is padding
-    assert m["clip_fraction"] == pytest.approx(1 / 3) and m["is_weight_max"] == pytest.approx(2.0)
+    assert m["is_weight_max"] == pytest.approx(2.0)
     assert m["approx_kl"] > 0 and m["entropy"] == 1.0 and "ppo_zeroed_tokens" not in m
     ids = torch.tensor([[7, 8, 9, 8]])  # the token at r = 3 is padding, so only one 8 counts
-    assert loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=0.28, token_ids=ids)["ppo_zeroed_tokens"] == {8: 1}
-    assert loss_metrics(logp, old, adv, torch.zeros(1, 4), torch.ones(1, 4), eps_high=0.28) == {}
+    assert policy_health(logp, old, adv, mask, torch.ones(1, 4), token_ids=ids)["ppo_zeroed_tokens"] == {8: 1}
+    assert policy_health(logp, old, adv, torch.zeros(1, 4), torch.ones(1, 4)) == {}
     # Counted at DAPO's ε whatever the run's own: CISPO's cap of 1 + 4 clips nothing here, yet r = 2 is a fork.
-    cispo = loss_metrics(logp, old, adv, mask, torch.ones(1, 4), eps_high=4.0)
-    assert cispo["clip_fraction"] == 0 and cispo["ppo_zeroed_fraction"] == pytest.approx(1 / 3)
+    cispo = LOSSES["cispo"].fn(logp, old, adv, mask, group_index=None, cfg=LossConfig(eps_high=4.0))[1]
+    assert cispo["clip_fraction"].sum() == 0 and m["ppo_zeroed_fraction"] == pytest.approx(1 / 3)
+    dapo = LOSSES["dapo"].fn(logp, old, adv, mask, group_index=None, cfg=LossConfig(name="dapo", eps_high=0.28, eps_low=0.2))[1]
+    assert dapo["clip_fraction"][mask.bool()].mean() == pytest.approx(2 / 3)  # r = 2 and r = 0.5 clipped
     _, clipped = clipped_is_weight(logp, old, eps_high=0.28)
     assert clipped.max().item() == pytest.approx(1.28)
 

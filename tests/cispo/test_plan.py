@@ -67,3 +67,8 @@ def test_plan_imports_no_torch():
             "heavy = {'torch', 'transformers', 'ray', 'deepspeed'} & set(sys.modules); assert not heavy, heavy")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_plan_refuses_other_families_by_name(capsys):
+    assert main(["plan", str(REPO / "recipes" / "tiny-arith.yaml"), "model.preset=tiny-qwen3_5"]) != 0
+    assert "preset 'tiny-qwen3_5' is a qwen3_5_text model" in capsys.readouterr().err

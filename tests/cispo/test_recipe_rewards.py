@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cispo.advantages import advantages
+from cispo.batching import rl_batch
 from cispo.collect import Collector, rollout_metrics
 from cispo.config import load_recipe
-from cispo.data import read_rows
+from cispo.data import PromptSource, read_rows
+from cispo.metrics import Timer
 from rewards.pool import ScoringPool
 from rollout.config import RolloutConfig
 from rollout.model import load_tokenizer
@@ -42,17 +44,21 @@ def data(tmp_path_factory):
     return path
 
 
+def recipe_for(data, reward: str):
+    return load_recipe(REPO / "recipes/tiny-arith.yaml", [
+        f"data.sources=[{{name: gsm8k, format: jsonl, path: {data}}}]", f"reward.name={reward}",
+        f"rollout.n_samples={N}", "rollout.max_new_tokens=10", "wandb.mode=disabled"])
+
+
 def collect(rollout, data, reward: str):
     """The recipe's groups for every row, N samples each, scored by `reward` set as reward.name."""
     tok, pool = rollout
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [
-        f"data.sources=[{{name: gsm8k, format: jsonl, path: {data}}}]", f"reward.name={reward}",
-        f"rollout.n_samples={N}", "rollout.max_new_tokens=10", "wandb.mode=disabled"])
+    recipe = recipe_for(data, reward)
     prompts, _ = read_rows(data, "jsonl", source="gsm8k")
     with ScoringPool(num_workers=2, timeout_s=30.0) as scorer:
         collector = Collector(recipe, tok, pool, scorer)
         groups = collector.collect(prompts, list(range(len(prompts))), collector.sampling(temperature=1.0), N)
-    texts = [tok.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g.completions]
+    texts = [tok.decode(c.response_ids, skip_special_tokens=True) for g in groups for c in g.trajectories]
     return groups, texts
 
 
@@ -61,7 +67,7 @@ def collect(rollout, data, reward: str):
 def test_trl_and_verl_functions_in_a_recipe_score_as_called_directly(rollout, data, name):
     groups, texts = collect(rollout, data, f"{MOD}:{name}")
     rows = [ROWS[i] for i in range(len(ROWS)) for _ in range(N)]
-    ids = [list(c.token_ids) for g in groups for c in g.completions]
+    ids = [list(c.response_ids) for g in groups for c in g.trajectories]
     fn = getattr(user_rewards, name)
     if name.startswith("trl"):  # as TRL's GRPOTrainer calls it: keywords, every dataset column as a list
         columns = {k: [r[k] for r in rows] for k in ROWS[0] if k != "prompt"}
@@ -71,7 +77,7 @@ def test_trl_and_verl_functions_in_a_recipe_score_as_called_directly(rollout, da
         direct = [fn(data_source="gsm8k", solution_str=t, ground_truth=r["answer"], extra_info=r["extra_info"])
                   for t, r in zip(texts, rows)]
         direct = [d["score"] if isinstance(d, dict) else d for d in direct]
-    assert [s for g in groups for s in g.statuses] == ["ok"] * len(texts)
+    assert [c.status for g in groups for c in g.trajectories] == ["ok"] * len(texts)
     assert torch.cat([g.rewards for g in groups]).tolist() == pytest.approx(direct)
     if name.startswith("trl"):  # these differ between rows whatever the random model wrote
         assert len(set(direct)) > 1
@@ -82,11 +88,31 @@ def test_trl_and_verl_functions_in_a_recipe_score_as_called_directly(rollout, da
 
 def test_a_nan_reward_in_a_recipe_is_a_counted_error_scoring_0(rollout, data):
     groups, _ = collect(rollout, data, f"{MOD}:nan_on_odd_length")
-    odd = [(len(g.prompt.text) + len(c.token_ids)) % 2 == 1 for g in groups for c in g.completions]
+    odd = [(len(g.prompt.text) + len(c.response_ids)) % 2 == 1 for g in groups for c in g.trajectories]
     assert 0 < sum(odd) < len(odd)
-    assert [s for g in groups for s in g.statuses] == ["error" if o else "ok" for o in odd]
+    assert [c.status for g in groups for c in g.trajectories] == ["error" if o else "ok" for o in odd]
     rewards = torch.cat([g.rewards for g in groups])
     assert rewards.tolist() == [0.0 if o else 1.0 for o in odd]
     assert rollout_metrics(groups)["reward_error"] == sum(odd)  # what the loop logs for the step
     group = torch.arange(len(groups)).repeat_interleave(N)
     assert all(math.isfinite(a) for a in advantages(rewards, group, "group_std").tolist())
+
+
+def test_a_sandbox_failure_leaves_its_group_uniform_so_dynamic_sampling_drops_it(rollout, data):
+    """verl PR #6375, through the training step: every real outcome scores 1 and the harness fails on some
+    responses. Before, each group with a failure had a spread ([1, 1, 0]) and was trained on; now every
+    group is uniform, so dynamic sampling drops them all and the advantages are all 0."""
+    tok, pool = rollout
+    recipe = recipe_for(data, f"{MOD}:sandbox_fails_on_odd_length")
+    with ScoringPool(num_workers=2, timeout_s=30.0) as scorer:
+        collector = Collector(recipe, tok, pool, scorer)
+        first, kept, counts = collector.submit(1, PromptSource(recipe.data, 0), 10, Timer()).result()
+        collector.close()
+    statuses = [t.status for g in first for t in g.trajectories]
+    assert any({t.status for t in g.trajectories} == {"ok", "sandbox_error"} for g in first)  # a spread it gave
+    assert kept == [] and counts["groups_dropped"] >= len(first)
+    assert rollout_metrics(first)["zero_spread_groups"] == len(first)
+    batch = rl_batch(first, recipe.algorithm, 10, tok.eos_token_id)
+    assert torch.equal(batch.advantages, torch.zeros(len(statuses)))
+    failed = torch.tensor([s == "sandbox_error" for s in statuses])
+    assert batch.loss_mask[failed].sum() == 0 and (batch.loss_mask[~failed].sum(1) > 0).all()

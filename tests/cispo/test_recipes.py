@@ -50,6 +50,11 @@ TINY = REPO / "recipes/tiny-arith.yaml"
     (["reward.name=maths"], "reward.name: unknown reward 'maths'; valid: math, code, format or 'module:function'"),
     (["reward.sources={gsm8k: math}"], "reward.sources: 'gsm8k' is not a data source; sources: arith"),
     (["stages.windows=[8, 10]"], "stages.windows ends at 10 but rollout.max_new_tokens is 12"),
+    # rllm PR #917: every group-relative advantage would be 0; ours: the other ways to sample G identical responses
+    (["rollout.n_samples=1"], "rollout.n_samples=1 gives one sample per prompt, so algorithm.advantage=group_std"),
+    (["rollout.temperature=0", "algorithm.advantage=leave_one_out"],
+     "rollout.temperature=0 samples greedily, so algorithm.advantage=leave_one_out"),
+    (["rollout.top_k=1"], "rollout.top_k=1 samples greedily, so algorithm.advantage=group_std"),
 ])
 def test_bad_recipe_is_one_line_error(overrides, message):
     with pytest.raises(RecipeError) as err:

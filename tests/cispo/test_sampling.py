@@ -10,23 +10,23 @@ LENGTHS = [50, 100, 60, 90]
 
 def test_overlong_modes():
     rewards = torch.tensor([1.0, 1.0, 0.5, 1.0])
-    kept, keep = overlong(rewards, REASONS, LENGTHS, mode="none", budget=100)
+    kept, keep = overlong(rewards, REASONS, LENGTHS, mode="none", max_new_tokens=100)
     assert torch.equal(kept, rewards) and keep.all()
-    zeroed, keep = overlong(rewards, REASONS, LENGTHS, mode="zero", budget=100)
+    zeroed, keep = overlong(rewards, REASONS, LENGTHS, mode="zero", max_new_tokens=100)
     assert zeroed.tolist() == [1.0, 0.0, 0.0, 1.0] and keep.all()
-    same, keep = overlong(rewards, REASONS, LENGTHS, mode="mask", budget=100)
+    same, keep = overlong(rewards, REASONS, LENGTHS, mode="mask", max_new_tokens=100)
     assert torch.equal(same, rewards) and keep.tolist() == [True, False, False, True]
 
 
 def test_soft_overlong_penalty_ramps_over_the_buffer():
     # DAPO Eq. 13 with budget 100 and a 20-token buffer: 0 up to 80 tokens, then linear down to −penalty.
-    rewards, _ = overlong(torch.ones(4), REASONS, LENGTHS, mode="soft", budget=100, buffer=20, penalty=0.5)
+    rewards, _ = overlong(torch.ones(4), REASONS, LENGTHS, mode="soft", max_new_tokens=100, buffer=20, penalty=0.5)
     assert rewards.tolist() == pytest.approx([1.0, 0.5, 0.5, 1 - 0.5 * 10 / 20])
 
 
 def test_unknown_overlong_mode_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid: none, zero, mask, soft"):
-        overlong(torch.ones(4), REASONS, LENGTHS, mode="drop", budget=100)
+        overlong(torch.ones(4), REASONS, LENGTHS, mode="drop", max_new_tokens=100)
 
 
 def _groups(*rewards):

@@ -1,4 +1,4 @@
-from cispo.config import StagesConfig
+from cispo.sections import StagesConfig
 from cispo.stages import advance
 
 M1 = StagesConfig(windows=[40_000, 48_000, 56_000, 64_000, 72_000, 80_000], p99_fraction=0.95, plateau_steps=3,

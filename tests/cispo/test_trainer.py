@@ -10,8 +10,9 @@ from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
 from cispo.trainer import TrainerGroup, merge_rank_figures
 from rollout.config import RolloutConfig
-from rollout.engine import Request, SamplingParams, generate
+from rollout.engine import generate
 from rollout.model import load_model, token_logprobs
+from rollout.trajectory import Request, SamplingParams
 from rollout.worker import RolloutPool
 from tests.conftest import REPO
 
@@ -35,8 +36,8 @@ def test_trainer_learns_and_publishes_versioned_weights(ray_session, tiny_model_
         local_model = load_model(tiny_model_dir)
         local_model.load_state_dict(state)
         local = generate(local_model.eval(), [request], tok.pad_token_id)
-        assert [c.token_ids for c in remote] == [c.token_ids for c in local]
-        assert all(c.weight_version == 7 for c in remote) and pool.version == 7
+        assert [c.response_ids for c in remote] == [c.response_ids for c in local]
+        assert all(c.versions == [7] * len(c.response_ids) for c in remote) and pool.version == 7
         # The published weights are the trained ones, not the initial ones.
         initial = load_model(tiny_model_dir).state_dict()
         assert any(not torch.equal(initial[k], v) for k, v in state.items())
@@ -60,7 +61,7 @@ def rl_batch(tiny_model_dir, tiny_tokenizer):
         model = load_model(tiny_model_dir)
         old = token_logprobs(model.model(input_ids=ids).last_hidden_state[:, :-1], model.lm_head.weight, ids[:, 1:])[0]
     return TrainBatch(ids, mask, lengths, (old + 0.05 * torch.randn_like(old)) * mask, torch.randn(groups * g),
-                      torch.arange(groups).repeat_interleave(g))
+                      torch.arange(groups).repeat_interleave(g), torch.zeros_like(mask, dtype=torch.long))
 
 
 def _trajectory(ray, args, model_dir, batch, checkpoint_dir=None):

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from rewards import code, sandbox
+from rewards.config import RewardConfig
+from rewards.pool import ScoringPool
+from rewards.registry import build
+from rewards.types import RewardInput
 
 REPO = Path(__file__).resolve().parents[2]
 HUMANEVAL = REPO / "data/humaneval/HumanEval.jsonl.gz"
@@ -145,6 +149,22 @@ def test_comparators_and_tolerance():
     assert code.score("print(0.3334)", {**third, "tolerance": 1e-3}) == 1.0
     with pytest.raises(ValueError, match="unknown comparator 'float'"):
         code.score("print(1)", {**third, "comparator": "float"})
+
+
+@pytest.mark.parametrize("tests, message", [
+    ({"inputs": ["1\n", "2\n"], "outputs": ["2\n"]}, "got 2 inputs and 1 outputs"),  # scored 0.5, never ran input 2
+    ({"inputs": [], "outputs": []}, "got 0 inputs and 0 outputs"),  # scored 0.0
+    ({"fn_name": "f", "inputs": [[1]]}, "'outputs' must be a list, got NoneType"),
+    ({"inputs": "1\n", "outputs": "2\n"}, "'inputs' must be a list, got str"),  # ours: zip walked the characters
+])
+def test_malformed_tests_are_a_counted_reward_error_not_a_score(tests, message):
+    """olmo-eval PR #354: malformed tests are the data's fault; a score would teach the model from it."""
+    with pytest.raises(ValueError, match=message):
+        code.score("print(int(input()) + 1)", tests, fraction=True)
+    reward = build(RewardConfig(name="code", fraction=True), "code")  # as a recipe's scoring processes call it
+    with ScoringPool(num_workers=1) as pool:
+        [result] = pool.map(reward, [RewardInput("", "print(int(input()) + 1)", json.dumps(tests), "code")])
+    assert (result.score, result.status) == (0.0, "error") and message in result.error
 
 
 def test_integers_beyond_4300_digits_in_programs_tests_and_results():

@@ -95,6 +95,12 @@ def test_gold_answers_keep_their_structure(response, answer, expected):
     ("\\boxed{3}. **Final Answer:** 5", "3", 0.0),
     ("\\boxed{3}. That is my final answer.", "3", 1.0),   # no marker: states no answer
     ("\\boxed{3}. So the final answer is correct.", "3", 1.0),
+    ("3 + 10 = 13, as asked.\nAnswer: $13$", "13", 1.0),  # DAPO-Math-17k's last line (EasyR1 PR #382): was 0.0
+    ("\\boxed{3}. Let me recheck.\nAnswer: 13", "13", 1.0),
+    ("So $x = 3/4$.\n\n**Answer:** $\\frac{3}{4}$", "\\frac{3}{4}", 1.0),  # ours: the same line, bold, as models write it
+    ("ANSWER: 1,000", "1000", 1.0),
+    ("\\boxed{3}\nAnswer: see above.", "3", 1.0),       # a line that states no answer is no marker
+    ("\\boxed{3}, though the answer: 13 came first", "3", 1.0),  # only at the start of a line
 ])
 def test_the_last_answer_marker_in_any_spelling_is_graded(response, answer, expected):
     assert verify_boxed(response, answer) == expected

@@ -87,3 +87,19 @@ def trl_weighted_length(completions, difficulty, **kwargs):  # TRL's docs' shape
 
 def nan_on_odd_length(prompt, completion_ids):  # NaN for a known subset of samples: the count must reach the metrics
     return math.nan if (len(prompt) + len(completion_ids)) % 2 else 1.0
+
+
+def sandbox_fails_on_odd_length(prompt, completion_ids):  # every real outcome agrees; the harness fails on some
+    from rewards.sandbox import SandboxFailure
+
+    if (len(prompt) + len(completion_ids)) % 2:
+        raise SandboxFailure("the harness failed, not the program")
+    return 1.0
+
+
+def verl_length_parity(data_source, solution_str, ground_truth, extra_info=None):  # verl's signature
+    """Raises (a counted reward error) unless verl's row fields reach it as verl passes them; scores the
+    response length's parity, so a random model's samples of one prompt differ."""
+    if data_source != "openai/gsm8k" or extra_info.get("split") != "train" or not ground_truth:
+        raise ValueError(f"got data_source {data_source!r}, ground_truth {ground_truth!r}, extra_info {extra_info!r}")
+    return float(len(solution_str) % 2)

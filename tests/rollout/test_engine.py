@@ -3,8 +3,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rollout import engine
-from rollout.engine import Request, SamplingParams, generate
+from rollout.engine import generate
 from rollout.model import build_hybrid, fp32_logits, use_decode_attention
+from rollout.trajectory import Request, SamplingParams
 from tests.rollout.reference import teacher_forced
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
@@ -28,9 +29,9 @@ def test_logprobs_match_teacher_forced_forward_across_mixed_prompts_and_groups(a
     model = _model(arch)
     params = SamplingParams(max_new_tokens=24, temperature=0.7)
     out = generate(model, [Request(p, n=3, seed=i, params=params) for i, p in enumerate(PROMPTS)], pad_id=0)
-    assert [(c.request_index, c.sample_index) for c in out] == [(q, s) for q in range(3) for s in range(3)]
+    assert [c.prompt_ids for c in out] == [p for p in PROMPTS for _ in range(3)]  # request order, then sample order
     for c in out:
-        expected = teacher_forced(model, PROMPTS[c.request_index], c.token_ids, temperature=0.7)
+        expected = teacher_forced(model, c.prompt_ids, c.response_ids, temperature=0.7)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
@@ -57,14 +58,14 @@ def test_logprobs_match_teacher_forced_forward_across_joins_and_leaves(monkeypat
     out = generate(model, requests, pad_id=0, max_batch_rows=4)
     assert sum(1 for j in joins if j) >= 2, joins  # queued requests joined running rows
     # The 300-token request outgrows the KV's first allocation (length + 256 positions).
-    assert max(len(c.token_ids) for c in out) == 300
+    assert max(len(c.response_ids) for c in out) == 300
     for c in out:
-        expected = teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+        expected = teacher_forced(model, c.prompt_ids, c.response_ids, temperature=0.8)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
 
 
 def _view(completions):
-    return [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in completions]
+    return [(c.prompt_ids, c.response_ids, c.finish_reason) for c in completions]
 
 
 @pytest.mark.parametrize("arch", ["minimax", "llama"])
@@ -72,16 +73,13 @@ def test_outputs_do_not_depend_on_batch_composition_or_admission_order(arch):
     model = _model(arch)
     for temperature in (0.0, 1.0):
         requests = _mixed_requests(temperature, longest=60)
-        alone = [c for i, r in enumerate(requests) for c in generate(model, [r], 0)]
-        for c, i in zip(alone, [i for i, r in enumerate(requests) for _ in range(r.n)]):
-            c.request_index = i
+        alone = [c for r in requests for c in generate(model, [r], 0)]
         for rows in (3, 256):
             assert _view(generate(model, requests, 0, max_batch_rows=rows)) == _view(alone)
         # Admitted in reverse order, beside other rows: each request's samples are unchanged.
-        reverse = generate(model, requests[::-1], 0, max_batch_rows=4)
-        for c in reverse:
-            c.request_index = len(requests) - 1 - c.request_index
-        assert sorted(_view(reverse)) == _view(alone)
+        reverse = iter(generate(model, requests[::-1], 0, max_batch_rows=4))
+        per_request = [[next(reverse) for _ in range(r.n)] for r in requests[::-1]][::-1]
+        assert _view([c for samples in per_request for c in samples]) == _view(alone)
 
 
 def test_seeds_and_top_k_top_p_shape_samples():
@@ -89,24 +87,24 @@ def test_seeds_and_top_k_top_p_shape_samples():
     params = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, top_k=5)
     out = generate(model, [Request(PROMPTS[1], n=2, seed=11, params=params)], 0)
     other_seed = generate(model, [Request(PROMPTS[1], n=2, seed=12, params=params)], 0)
-    assert [c.token_ids for c in other_seed] != [c.token_ids for c in out]
+    assert [c.response_ids for c in other_seed] != [c.response_ids for c in out]
     for c in out:  # every sampled token was among the 5 most likely
-        ids = torch.tensor([PROMPTS[1] + c.token_ids])
+        ids = torch.tensor([PROMPTS[1] + c.response_ids])
         with torch.no_grad():
             logits = fp32_logits(model, model.model(input_ids=ids).last_hidden_state[0, len(PROMPTS[1]) - 1:-1])
-        ranks = (logits > logits.gather(1, torch.tensor(c.token_ids)[:, None])).sum(1)
+        ranks = (logits > logits.gather(1, torch.tensor(c.response_ids)[:, None])).sum(1)
         assert (ranks < 5).all()
 
 
 def test_finish_reasons_stop_length_and_repetition():
     model = _model()
     greedy = generate(model, [Request(PROMPTS[0], params=SamplingParams(max_new_tokens=15, temperature=0))], 0)[0]
-    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 15
-    stop_at = greedy.token_ids[4]
-    first = greedy.token_ids.index(stop_at)
+    assert greedy.finish_reason == "length" and len(greedy.response_ids) == 15
+    stop_at = greedy.response_ids[4]
+    first = greedy.response_ids.index(stop_at)
     stopped = generate(model, [Request(PROMPTS[0], params=SamplingParams(
         max_new_tokens=15, temperature=0, stop_token_ids=(stop_at,)))], 0)[0]
-    assert stopped.finish_reason == "stop" and stopped.token_ids == greedy.token_ids[:first + 1]
+    assert stopped.finish_reason == "stop" and stopped.response_ids == greedy.response_ids[:first + 1]
 
 
 def test_repetition_stop_triggers_on_confident_runs_only():
@@ -115,9 +113,9 @@ def test_repetition_stop_triggers_on_confident_runs_only():
     sharp = _model()
     sharp.lm_head.weight.data *= 1e5
     out = generate(sharp, [Request(PROMPTS[0], n=2, seed=1, params=params)], 0)
-    assert all(c.finish_reason == "repetition" and len(c.token_ids) == 20 for c in out)
+    assert all(c.finish_reason == "repetition" and len(c.response_ids) == 20 for c in out)
     out = generate(_model(), [Request(p, n=4, seed=2, params=params) for p in PROMPTS], 0)
-    assert all(c.finish_reason == "length" and len(c.token_ids) == 200 for c in out)
+    assert all(c.finish_reason == "length" and len(c.response_ids) == 200 for c in out)
 
 
 def test_stop_strings_end_generation_on_decoded_text(tiny_model_dir, tiny_tokenizer):
@@ -129,12 +127,12 @@ def test_stop_strings_end_generation_on_decoded_text(tiny_model_dir, tiny_tokeni
     free = generate(model, [Request(PROMPTS[0], params=greedy)], 0)[0]
     # A stop string of two characters the free run produced (ids >= 4 are characters, one each);
     # the oracle is the shortest prefix whose whole text contains it.
-    i = next(i for i in range(3, 28) if min(free.token_ids[i:i + 2]) >= 4)
-    stop = decode(free.token_ids[i:i + 2])
-    first = next(k for k in range(1, 31) if stop in decode(free.token_ids[:k]))
+    i = next(i for i in range(3, 28) if min(free.response_ids[i:i + 2]) >= 4)
+    stop = decode(free.response_ids[i:i + 2])
+    first = next(k for k in range(1, 31) if stop in decode(free.response_ids[:k]))
     params = SamplingParams(max_new_tokens=30, temperature=0, stop_strings=(stop,))
     stopped = generate(model, [Request(PROMPTS[0], params=params)], 0, decode=decode)[0]
-    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first]
-    assert decode(stopped.token_ids).endswith(stop)
+    assert stopped.finish_reason == "stop" and stopped.response_ids == free.response_ids[:first]
+    assert decode(stopped.response_ids).endswith(stop)
     with pytest.raises(ValueError, match="decode"):
         generate(_model(), [Request(PROMPTS[0], params=SamplingParams(stop_strings=("x",)))], 0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from experiments.fp32_head import agreement, measure
-from rollout.engine import Request, SamplingParams
 from rollout.model import build_hybrid, save_model
+from rollout.trajectory import Request, SamplingParams
 from tests.conftest import REPO
 
 

@@ -15,9 +15,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("fla.ops.simple_gla", reason="needs the gpu extra: pip install -e .[gpu]")
 from triton.runtime import autotuner  # noqa: E402
 
-from rollout.engine import Request, SamplingParams, generate  # noqa: E402
+from rollout.engine import generate  # noqa: E402
 from rollout.kernels import use_fla_lightning  # noqa: E402
 from rollout.model import build_hybrid  # noqa: E402
+from rollout.trajectory import Request, SamplingParams  # noqa: E402
 from tests.rollout.reference import teacher_forced  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def test_recurrent_kernel_decodes_like_the_torch_path():
                 Request([2], seed=4, params=SamplingParams(max_new_tokens=4, temperature=0))]
     ours = generate(fla_model, requests, pad_id=0, max_batch_rows=2)  # the third row joins when one leaves
     expected = generate(reference, requests, pad_id=0, max_batch_rows=2)
-    assert [c.token_ids for c in ours] == [c.token_ids for c in expected]
+    assert [c.response_ids for c in ours] == [c.response_ids for c in expected]
     for c in ours:
-        expected = teacher_forced(reference, requests[c.request_index].prompt_ids, c.token_ids)
+        expected = teacher_forced(reference, c.prompt_ids, c.response_ids)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4

@@ -4,6 +4,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from rollout.model import build_hybrid, fp32_logits, load_model, load_tokenizer, new_cache, token_logprobs
+from rollout.states import RecurrentSlot
 
 
 def test_layout_is_seven_linear_then_one_full():
@@ -92,7 +93,7 @@ def test_dense_hf_directories_load_and_train_through_the_fp32_head(tmp_path, tin
     tiny_tokenizer.save_pretrained(tmp_path)
     model = load_model(tmp_path)
     assert type(model) is model_class and len(load_tokenizer(tmp_path)) == len(tiny_tokenizer)
-    assert not new_cache(model).linear_cache
+    assert not any(isinstance(s, RecurrentSlot) for s in new_cache(model).layers)
     ids = torch.randint(4, len(tiny_tokenizer), (2, 9))
     logp, entropy = LogprobModel(model)(ids)
     expected = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]

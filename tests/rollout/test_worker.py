@@ -11,8 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from rollout.config import RolloutConfig
-from rollout.engine import Request, SamplingParams, generate
+from rollout.engine import generate
 from rollout.model import load_model
+from rollout.trajectory import Request, SamplingParams
 from rollout.worker import RolloutPool, balance
 from tests.rollout.reference import teacher_forced
 
@@ -28,7 +29,7 @@ def _requests(temperature: float, budget: int = 24) -> list[Request]:
 
 
 def _view(completions):
-    return [(c.request_index, c.sample_index, c.token_ids, c.finish_reason) for c in completions]
+    return [(c.prompt_ids, c.response_ids, c.finish_reason) for c in completions]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_update_weights_is_versioned(workers, tiny_model_dir):
         model.lm_head.weight.mul_(3.0)
     pool.update_weights(model.state_dict(), version=7)
     out = pool.generate(_requests(1.0))
-    assert {c.weight_version for c in out} == {7} and pool.version == 7
+    assert {v for c in out for v in c.versions} == {7} and pool.version == 7
     assert _view(out) == _view(generate(model, _requests(1.0), pad_id=0))
     pool.update_weights(original, version=8)
 
@@ -94,13 +95,13 @@ def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
             pool.generate([Request(PROMPTS[0], params=SamplingParams(stop_strings=("x",), repetition_tokens=100))])
     finally:
         pool.shutdown()
-    assert [(c.request_index, c.sample_index) for c in out] == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    assert [c.prompt_ids for c in out] == [PROMPTS[0]] + [PROMPTS[1]] * 3
     ours = generate(model, requests[:1], pad_id=0)[0]
-    assert (out[0].token_ids, out[0].finish_reason) == (ours.token_ids, ours.finish_reason)
+    assert (out[0].response_ids, out[0].finish_reason) == (ours.response_ids, ours.finish_reason)
     for c in out:
-        expected = teacher_forced(model, requests[c.request_index].prompt_ids, c.token_ids)
+        expected = teacher_forced(model, c.prompt_ids, c.response_ids)
         assert (expected - torch.tensor(c.logprobs)).abs().max() < 1e-4
-    assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out[1:])
+    assert all(len(c.response_ids) == 10 and c.finish_reason == "length" for c in out[1:])
 
 
 def test_dead_worker_requests_rerun_on_survivor(workers, ray_session, tiny_model_dir):
@@ -117,4 +118,4 @@ def test_dead_worker_requests_rerun_on_survivor(workers, ray_session, tiny_model
     assert pool.failures == 1 and pool.workers == [workers[0]]
     assert _view(out) == _view(expected)
     pool.update_weights(load_model(tiny_model_dir).state_dict(), version=9)  # a dead worker is skipped
-    assert {c.weight_version for c in pool.generate(requests[:1])} == {9}
+    assert {v for c in pool.generate(requests[:1]) for v in c.versions} == {9}

@@ -1,0 +1,74 @@
+"""Model families the rollout engine runs: one small adapter file each.
+
+An adapter says which transformers model types it covers, which modules hold recurrent state, which
+modules are MoE blocks (ZeRO-3 leaves) and, where the model does not use transformers' generic
+linear-attention cache calls, a cache class that maps its calls onto the slots (rollout.states).
+The decode loop (rollout.engine) only ever sees a `StateCache`, so adding a family adds a file here
+and a line in FAMILIES, and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rollout.states import StateCache
+
+# Layer kinds in a config's `layer_types` and the slot each gets; Nemotron-H lists its stateless
+# MLP and MoE layers there too.
+SLOT_KINDS = {"full_attention": "full_attention", "linear_attention": "linear_attention", "moe": "dummy",
+              "mlp": "dummy"}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # transformers `config.model_type`s this adapter covers
+    state: str                    # what each recurrent slot holds, for the README and errors
+    state_modules: tuple[str, ...] = ()  # class names of the layers that read and write recurrent state
+    moe_blocks: tuple[str, ...] = ()     # class names of MoE blocks: ZeRO-3 leaf modules
+    cache_class: type[StateCache] = StateCache
+
+    def new_cache(self, model) -> StateCache:
+        """An empty cache with one slot per layer of `model`.
+
+        Raises ValueError naming the layer and its kind when a layer is not softmax or linear-state (for
+        example sliding-window attention), or when the model's stateful modules do not match its
+        linear layers (a variant this adapter does not know).
+        """
+        config = model.config
+        kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        for i, kind in enumerate(kinds):
+            if kind not in SLOT_KINDS:
+                raise ValueError(f"{config.model_type} layer {i} is {kind!r}; the rollout engine runs "
+                                 f"{', '.join(SLOT_KINDS)} layers only")
+        stateful = sum(type(m).__name__ in self.state_modules for m in model.modules())
+        if stateful != kinds.count("linear_attention"):
+            raise ValueError(f"{config.model_type}: {kinds.count('linear_attention')} linear_attention layers but "
+                             f"{stateful} {'/'.join(self.state_modules) or 'recurrent'} modules; the {self.name} "
+                             f"adapter does not know this variant")
+        return self.cache_class([SLOT_KINDS[k] for k in kinds])
+
+    def leaf_modules(self, model) -> list[type[torch.nn.Module]]:
+        """The MoE block classes in `model`: which experts run depends on the tokens, so under ZeRO-3 each
+        block must gather all its experts at once (`deepspeed.utils.set_z3_leaf_modules`)."""
+        return list({type(m) for m in model.modules() if type(m).__name__ in self.moe_blocks})
+
+
+def _families() -> list[Family]:
+    from rollout.families import dense, gated_deltanet, kda, lightning, mamba2
+
+    return [m.FAMILY for m in (dense, lightning, gated_deltanet, kda, mamba2)]
+
+
+def supported_model_types() -> list[str]:
+    return [t for f in _families() for t in f.model_types]
+
+
+def family_of(config) -> Family:
+    """The adapter for `config.model_type`; ValueError naming the type and the supported ones otherwise."""
+    for family in _families():
+        if config.model_type in family.model_types:
+            return family
+    raise ValueError(f"model type {config.model_type!r} has no rollout engine adapter; supported: "
+                     f"{', '.join(supported_model_types())}")

@@ -1,0 +1,118 @@
+"""Every linear-state family through the engine: Gated DeltaNet (Qwen3.5, Qwen3.5-MoE, Qwen3-Next), KDA
+(Kimi Linear, Ling 2.5's bailing_hybrid), Mamba2 (Nemotron-H), each a tiny random model built offline
+from its preset, in fp32.
+MiniMax (lightning) and Llama/Qwen2 (dense) are checked the same way in test_engine.py."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from rollout import engine
+from rollout.config import RolloutConfig
+from rollout.engine import CispoEngine, Request, SamplingParams, decode_step, generate
+from rollout.families import family_of
+from rollout.model import build_model, head_logits, new_cache
+from rollout.states import RecurrentSlot
+from tests.rollout.reference import teacher_forced
+
+PRESETS = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-bailing_hybrid",
+           "tiny-nemotron_h"]
+PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
+
+
+def _model(preset):
+    torch.manual_seed(0)
+    return build_model(preset, 32, pad_token_id=0).eval()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_logprobs_match_teacher_forced_forward_across_forks_joins_and_leaves(monkeypatch, preset):
+    # The model as a rollout worker runs it (decode attention, grouped-GEMM experts), against the same
+    # weights as plain transformers builds them (SDPA, eager experts).
+    model, reference = _model(preset), _model(preset)
+    CispoEngine(model, RolloutConfig(), pad_id=0)
+    joins = []  # rows running when a new prefill joined them
+    real_join = engine._join
+    monkeypatch.setattr(engine, "_join", lambda batch, new: joins.append(batch and len(batch.samples)) or
+                        real_join(batch, new))
+    # Mixed prompt lengths (left padding), n > 1 (forks) and budgets that finish rows early, so that
+    # queued requests join running rows.
+    requests = [Request(p, n=2, seed=i, params=SamplingParams(max_new_tokens=b, temperature=0.8))
+                for i, (p, b) in enumerate(zip(PROMPTS + [[1, 4]], [14, 3, 8, 6]))]
+    out = generate(model, requests, pad_id=0, max_batch_rows=4)
+    assert sum(1 for j in joins if j) >= 2, joins
+    worst = max(float((teacher_forced(reference, requests[c.request_index].prompt_ids, c.token_ids, temperature=0.8)
+                       - torch.tensor(c.logprobs)).abs().max()) for c in out)
+    print(f"{preset}: max |Δlogprob| {worst:.2e} over {sum(len(c.token_ids) for c in out)} tokens")
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3_5", "tiny-kimi_linear", "tiny-nemotron_h"])
+def test_greedy_tokens_equal_hf_generate(preset):
+    model = _model(preset)
+    ours = generate(model, [Request(p, params=SamplingParams(max_new_tokens=10, temperature=0)) for p in PROMPTS], 0)
+    for prompt, c in zip(PROMPTS, ours):
+        ids = torch.tensor([prompt])
+        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+        assert c.token_ids == hf[0, len(prompt):].tolist()
+
+
+def _prefill(model, prompts):
+    """A left-padded prefill of `prompts` into a fresh cache; returns (cache, mask, last logits)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    cache = new_cache(model)
+    with torch.no_grad():
+        out = model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                          cache=cache, use_cache=True)
+    return cache, mask, head_logits(model, out.last_hidden_state[:, -1])
+
+
+def _forked_step_error(model, rows: list[int]) -> float:
+    """Prefill PROMPTS[0] and PROMPTS[2] together, fork the rows to `rows`, decode one token; the largest
+    logit gap to each prompt prefilled alone and decoded the same way."""
+    pair = [PROMPTS[0], PROMPTS[2]]
+    cache, mask, _ = _prefill(model, pair)
+    index = torch.tensor(rows)
+    cache.select(index)
+    mask = torch.nn.functional.pad(mask[index], (0, 1), value=1)
+    with torch.no_grad():
+        forked = decode_step(model, cache, mask, mask.sum(1) - 1, torch.full((len(rows),), 3))
+    worst = 0.0
+    for i, r in enumerate(rows):
+        alone, alone_mask, _ = _prefill(model, [pair[r]])
+        alone_mask = torch.nn.functional.pad(alone_mask, (0, 1), value=1)
+        with torch.no_grad():
+            expected = decode_step(model, alone, alone_mask, alone_mask.sum(1) - 1, torch.tensor([3]))
+        worst = max(worst, float((forked[i] - expected[0]).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3_5", "tiny-kimi_linear", "tiny-nemotron_h"])
+def test_fork_copies_matrix_and_conv_state(monkeypatch, preset):
+    model = _model(preset)
+    slots = [s for s in new_cache(model).layers if isinstance(s, RecurrentSlot)]
+    assert slots, preset
+    # A forked row decodes exactly as its prompt alone: one prefill serves n samples.
+    assert _forked_step_error(model, [1, 1, 0, 1]) < 1e-4
+    # The same fork copying only the matrix state leaves each row's conv state with the other prompt:
+    # the conv state carries the last 4 inputs, so forgetting it changes the next token's logits.
+    monkeypatch.setattr(RecurrentSlot, "select", lambda self, rows, drop_left=0: self.recurrent_states.update(
+        {i: s[rows] for i, s in self.recurrent_states.items() if s is not None}))
+    assert _forked_step_error(model, [1, 0]) > 1e-3
+
+
+def test_moe_blocks_are_the_zero3_leaves_of_each_family():
+    leaves = {p: sorted(t.__name__ for t in family_of(m.config).leaf_modules(m))
+              for p in ("tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-nemotron_h", "tiny") for m in [_model(p)]}
+    assert leaves == {"tiny-qwen3_5": [], "tiny-qwen3_5_moe": ["Qwen3_5MoeSparseMoeBlock"],
+                      "tiny-nemotron_h": ["NemotronHMoE"], "tiny": ["MiniMaxSparseMoeBlock"]}
+
+
+def test_a_model_type_without_an_adapter_is_refused_by_name():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"model type 'gpt2' has no rollout engine adapter; supported: .*qwen3_5"):
+        new_cache(model)
+    with pytest.raises(ValueError, match="unknown model preset 'tiny-gpt2'; valid presets: .*tiny-nemotron_h"):
+        build_model("tiny-gpt2", 32)
