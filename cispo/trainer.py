@@ -73,8 +73,7 @@ class Trainer:
                  loss: LossConfig, old_logprobs: str, sft_lr: float, seed: int, threads: int, search: list[str]):
         self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
         self.trainer, self.optim, self.loss, self.old_logprobs = trainer, optim, loss, old_logprobs
-        self.sft_lr, self.seed, self.threads = sft_lr, seed, threads
-        self.loss_fn = resolve(loss.name, search)  # a user's module is imported here, on every rank
+        self.sft_lr, self.seed, self.threads, self.search = sft_lr, seed, threads, search
         self.skipped_steps = 0
         self.rl_updates = 0  # drives the linear warm-up of the RL learning rate
 
@@ -85,6 +84,8 @@ class Trainer:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def init(self, master_addr: str, master_port: int) -> None:
+        # A user's loss module is imported here, on every rank; one that fails frees the ranks (start).
+        self.loss_fn = resolve(self.loss.name, self.search)
         gpu = torch.cuda.is_available()
         os.environ.update(RANK=str(self.rank), LOCAL_RANK="0", WORLD_SIZE=str(self.world_size),
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
@@ -248,7 +249,8 @@ class TrainerGroup:
     def start(cls, recipe: Recipe, model_dir: str) -> TrainerGroup:
         """`trainer.num_ranks` rank actors in one placement group (packed onto as few nodes as fit),
         joined into a process group whose rank 0 listens on its own node. A DeepSpeed config the engine
-        rejects is a RecipeError naming the bad key, with the ranks freed."""
+        rejects is a RecipeError naming the bad key, with the ranks freed (as they are when a rank cannot
+        import the loss)."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -8,15 +8,16 @@ import torch
 from cispo.config import RecipeError, load_recipe
 from cispo.loop import train
 from cispo.metrics import read_metrics
+from cispo.trainer import TrainerGroup
 from rollout.model import load_model
 from tests.conftest import REPO
 
 HERE = Path(__file__).parent
-# One-digit addition from a random model, 2 RL steps, rewarded for an even first character (about half
-# the samples earn it, so groups have spread to learn from).
+# One-digit addition from a random model, 2 RL steps, rewarded by response length (TRL's example reward,
+# from a module that imports quickly in the scoring processes): lengths differ, so groups have spread.
 TINY = ["sft.steps=0", "run.max_steps=2", "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4",
         "rollout.n_samples=4", "run.threads=1", "wandb.mode=disabled", "optim.lr=1e-3", "optim.warmup_steps=0",
-        "reward.name=tests.test_end_to_end:even_first_character"]
+        "reward.name=tests.rewards.user_rewards:trl_length"]
 
 
 def _trained(run_dir: Path) -> bool:
@@ -47,6 +48,20 @@ def test_a_users_loss_that_does_not_load_is_named_before_anything_starts(tmp_pat
         with pytest.raises(RecipeError, match=rf"command line: key 'algorithm.name' = '{name}': {why}"):
             train(recipe)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_that_cannot_import_the_loss_says_so_and_frees_the_ranks(ray_session, tiny_model_dir, tmp_path,
+                                                                        monkeypatch):
+    # The controller checks first (above); a rank still names the module if its import fails there.
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["run.threads=1", "trainer.num_ranks=2",
+                                                            "algorithm.name=absent_losses:reinforce"])
+    before = set(ray_session.util.placement_group_table())
+    with pytest.raises(ray_session.exceptions.RayTaskError, match="loss 'absent_losses:reinforce': module "
+                                                                  "'absent_losses' cannot be imported"):
+        TrainerGroup.start(recipe, str(tiny_model_dir))
+    ours = [g for key, g in ray_session.util.placement_group_table().items() if key not in before]
+    assert len(ours) == 1 and ours[0]["state"] == "REMOVED"
 
 
 def test_gspo_trains_through_a_recipe(ray_session, tmp_path):
