@@ -15,7 +15,12 @@ torch is not imported: only tensor methods are used.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import warnings
+from typing import TYPE_CHECKING, Callable, Literal
+
+from pydantic import Field, model_validator
+
+from cispo.section import Section
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -41,13 +46,24 @@ def icepop(log_ratio: Tensor, *, tis_cap: float, icepop_band: tuple[float, float
 CORRECTIONS: dict[str, Callable[..., Tensor]] = {"none": no_correction, "tis": truncated_is, "icepop": icepop}
 
 
-def correction_factor(name: str, trainer_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *,
-                      tis_cap: float = 2.0, icepop_band: tuple[float, float] = (0.5, 5.0)) -> Tensor:
-    """The detached factor c [B, T] of correction `name` (1 off the mask); KeyError names the valid ones."""
-    if name not in CORRECTIONS:
-        raise KeyError(f"unknown correction {name!r}; valid: {', '.join(CORRECTIONS)}")
+class CorrectionConfig(Section):
+    """The mismatch correction's keys (under `algorithm` in a recipe): what each trainer rank reads."""
+    correction: Literal["none", "tis", "icepop"] = Field(
+        "none", description="train/inference mismatch correction against the rollout logprobs μ (needs "
+        "old_logprobs: recompute): none (M1), tis: min(π_old/μ, tis_cap), icepop: drop tokens whose π_old/μ "
+        "leaves icepop_band (cispo/corrections.py)")
+    tis_cap: float = Field(2.0, gt=0, description="tis: the cap C of the truncated IS weight")
+    icepop_band: tuple[float, float] = Field((0.5, 5.0), description="icepop: the band [α, β] of π_old/μ kept")
+
+    def correction_section(self) -> CorrectionConfig:
+        return CorrectionConfig(**self.model_dump(include=set(CorrectionConfig.model_fields)))
+
+
+def correction_factor(cfg: CorrectionConfig, trainer_logprobs: Tensor, rollout_logprobs: Tensor,
+                      mask: Tensor) -> Tensor:
+    """The detached factor c [B, T] of correction `cfg.correction` (1 off the mask)."""
     log_ratio = (trainer_logprobs - rollout_logprobs).detach() * mask
-    factor = CORRECTIONS[name](log_ratio, tis_cap=tis_cap, icepop_band=icepop_band)
+    factor = CORRECTIONS[cfg.correction](log_ratio, tis_cap=cfg.tis_cap, icepop_band=cfg.icepop_band)
     return factor * mask + (1 - mask)
 
 
