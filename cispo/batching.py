@@ -31,7 +31,8 @@ class TrainBatch:
     - group_index [B] long, the prompt group of each row (group normalization, whole-group minibatches);
     - versions [B, T-1] long, the weight version that sampled each response token (rollout.trajectory),
       -1 for a token the policy did not sample, 0 elsewhere;
-    - weights [B, T-1] float or None, per-token loss weights of the whole minibatch (set by `shard`).
+    - weights [B, T-1] float or None, per-token loss weights of the whole minibatch (set by `shard`);
+    - correction [B, T-1] float or None, the mismatch correction's factor (cispo.corrections; set on the rank).
     """
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
@@ -41,6 +42,7 @@ class TrainBatch:
     group_index: torch.Tensor
     versions: torch.Tensor
     weights: torch.Tensor | None = None
+    correction: torch.Tensor | None = None
 
     def rows(self, index, width: int | None = None) -> TrainBatch:
         """The rows `index`, cut to `width` tokens (default: all)."""

@@ -8,7 +8,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+import warnings
+
 from cispo.advantages import ESTIMATORS
+from cispo.corrections import CorrectionConfig
 from cispo.data import FORMATS
 from cispo.loss import LossConfig
 from cispo.sampling import OVERLONG
@@ -77,9 +80,10 @@ class DataConfig(Section):
         return v
 
 
-class AlgorithmConfig(LossConfig):
-    """The loss's keys (cispo.loss.LossConfig, what the trainer ranks get) and the controller's: advantages,
-    dynamic sampling, overlong responses, updates per batch, π_old."""
+class AlgorithmConfig(LossConfig, CorrectionConfig):
+    """The loss's keys (cispo.loss.LossConfig) and the mismatch correction's (cispo.corrections), what the
+    trainer ranks get, and the controller's: advantages, dynamic sampling, overlong responses, updates per
+    batch, π_old."""
     advantage: str = choice(ESTIMATORS,
                             "group_std: Eq. 2; no_std: Dr. GRPO; leave_one_out: RLOO baseline", "group_std")
     dynamic_sampling: bool = Field(True, description="drop prompt groups whose rewards all agree and refill (DAPO, M1)")
@@ -94,6 +98,17 @@ class AlgorithmConfig(LossConfig):
         "rollout", description="π_old of the IS weight: the rollout engine's logprobs, or the trainer's own forward "
                                "before the first update (one more forward per step; logs old_logprob_gap, the "
                                "train/inference mismatch M1 §3.2 fixed with the fp32 head)")
+
+    @model_validator(mode="after")
+    def _correction_needs_both_logprobs(self):
+        if self.correction != "none" and self.old_logprobs != "recompute":
+            raise ValueError(f"algorithm.correction={self.correction} weighs π_old against the rollout logprobs, so "
+                             "π_old must be the trainer's own: set algorithm.old_logprobs=recompute")
+        if self.updates_per_batch == 1 and self.old_logprobs == "recompute" and self.name in ("cispo", "cispo_masked"):
+            warnings.warn("algorithm.updates_per_batch=1 with old_logprobs=recompute: π_θ = π_old at the only "
+                          "update, so the IS weight is 1 and CISPO is plain REINFORCE (SkyRL#1859); a "
+                          "correction still acts", stacklevel=2)
+        return self
 
     def loss_section(self) -> LossConfig:
         """The keys the loss reads, as the loss's own section."""

@@ -13,6 +13,7 @@ from torch import nn
 from cispo.batching import TrainBatch, minibatches, shard
 from cispo.config import Recipe
 from cispo.data import derive_seed
+from cispo.corrections import CorrectionConfig, correction_factor, mismatch_figures, staleness_histogram
 from cispo.loss import LossConfig, policy_health, resolve
 from cispo.section import RecipeError
 from cispo.sections import OptimConfig, TrainerConfig
@@ -66,13 +67,15 @@ class LogprobModel(nn.Module):
 class Trainer:
     """One DeepSpeed rank. It gets the recipe's values it reads, by name, never the whole recipe (whose
     validation would import every reward, the code sandbox included): its sections `trainer`, `optim`
-    and `loss` (cispo.loss.LossConfig, keys under `algorithm`), and `old_logprobs`, `sft_lr`, `seed`,
-    `threads`. `search` holds the directories a user's 'module:function' loss is imported from."""
+    and `loss` (cispo.loss.LossConfig, keys under `algorithm`), `correction` (cispo.corrections), and
+    `old_logprobs`, `sft_lr`, `seed`, `threads`. `search` holds the directories a user's 'module:function' loss is imported from."""
 
     def __init__(self, model_dir: str, rank: int, world_size: int, *, trainer: TrainerConfig, optim: OptimConfig,
-                 loss: LossConfig, old_logprobs: str, sft_lr: float, seed: int, threads: int, search: list[str]):
+                 loss: LossConfig, correction: CorrectionConfig, old_logprobs: str, sft_lr: float, seed: int,
+                 threads: int, search: list[str]):
         self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
         self.trainer, self.optim, self.loss, self.old_logprobs = trainer, optim, loss, old_logprobs
+        self.correction = correction
         self.sft_lr, self.seed, self.threads, self.search = sft_lr, seed, threads, search
         self.skipped_steps = 0
         self.rl_updates = 0  # drives the linear warm-up of the RL learning rate
@@ -132,7 +135,7 @@ class Trainer:
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             logp, entropy = self.engine(mb.input_ids, temperature)
             per_token, mb_figures = per_token_loss(logp, mb)
-            loss = (per_token * mb.weights).sum()
+            loss = (per_token * mb.weights * (1 if mb.correction is None else mb.correction)).sum()
             self.engine.backward(loss * self.world_size)
             loss_sum += loss.item()
             on = mb.loss_mask.bool()
@@ -188,17 +191,24 @@ class Trainer:
 
     @torch.no_grad()
     def _recompute_old_logprobs(self, updates: list[list[TrainBatch]], temperature: float) -> dict:
-        """Replace the rollout logprobs by this trainer's, from the weights before any update, and report
-        their mean absolute difference over response tokens."""
-        gaps = []
+        """Replace the rollout logprobs μ by this trainer's π_old, from the weights before any update; set
+        each micro-batch's mismatch correction from π_old/μ (cispo.corrections); report their mean
+        absolute difference over response tokens and the mismatch figures."""
+        trainer, rollout, factors = [], [], []
         for mb in (mb for micro_batches in updates for mb in micro_batches):
             logp, _ = self.engine(mb.input_ids.to(self.engine.device), temperature)
-            on = mb.loss_mask.bool()
             recomputed = logp.cpu() * mb.loss_mask
-            gaps.append((recomputed - mb.old_logprobs)[on].abs())
+            mb.correction = correction_factor(self.correction, recomputed, mb.old_logprobs, mb.loss_mask)
+            on = mb.loss_mask.bool()
+            trainer.append(recomputed[on])
+            rollout.append(mb.old_logprobs[on])
+            factors.append(mb.correction[on])
             mb.old_logprobs = recomputed
-        gaps = torch.cat(gaps)
-        return {"old_logprob_gap": float(gaps.mean())} if gaps.numel() else {}
+        trainer, rollout = torch.cat(trainer), torch.cat(rollout)
+        if not trainer.numel():
+            return {}
+        return {"old_logprob_gap": float((trainer - rollout).abs().mean()),
+                **mismatch_figures(trainer, rollout, torch.ones_like(trainer), torch.cat(factors))}
 
     def save_checkpoint(self, path: str) -> None:
         # Prefixed: DeepSpeed keeps its own 'skipped_steps' and drops clashing client keys on load.
@@ -261,7 +271,8 @@ class TrainerGroup:
         actor = Trainer.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
         a, run = recipe.algorithm, recipe.run
         trainers = cls(recipe, [actor.remote(model_dir, r, size, trainer=recipe.trainer, optim=recipe.optim,
-                                             loss=a.loss_section(), old_logprobs=a.old_logprobs, sft_lr=recipe.sft.lr,
+                                             loss=a.loss_section(), correction=a.correction_section(),
+                                             old_logprobs=a.old_logprobs, sft_lr=recipe.sft.lr,
                                              seed=run.seed, threads=run.threads, search=recipe.search_dirs())
                                 for r in range(size)], group)
         try:
@@ -296,7 +307,9 @@ class TrainerGroup:
         stats = ray.get([rank.train_batch.remote([p[r] for p in plans], self.recipe.rollout.temperature)
                          for r, rank in enumerate(self.ranks)])
         return {**merge_rank_figures(stats), "updates": len(plans),
-                "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"]}
+                "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"],
+                # Weights of version step - 1 are the ones this step trains from.
+                **staleness_histogram(batch.versions, batch.loss_mask, current_version=step - 1)}
 
     def _weights(self):
         # Every rank takes part (ZeRO-3 gathers); rank 0's copy is the one returned.

@@ -149,3 +149,18 @@ def test_rank_figures_merge_into_one_row():
              {"loss": 0.0, **shared, "tokens": 0}]
     row = merge_rank_figures(ranks)
     assert row == {"loss": 0.75, **shared, "ppo_zeroed_tokens": {5: 3, 6: 1}, "is_weight_max": 4.0, "entropy": 1.5}
+
+
+def test_a_mismatch_correction_reaches_the_loss_on_every_rank(ray_session, tiny_model_dir, rl_batch):
+    """rl_batch's rollout logprobs μ are the model's plus N(0, 0.05) noise, so π_old/μ = exp(−noise) once
+    π_old is recomputed: IcePop's band [0.95, 1.05] drops the tokens with |noise| > 0.0513, P(|z| > 1.03)
+    ≈ 0.30 of them, and KL(μ ‖ π_old) ≈ E[noise²]/2 = 0.00125. A band no ratio falls in leaves no gradient."""
+    icepop = ["algorithm.old_logprobs=recompute", "algorithm.correction=icepop"]
+    steps, _ = _trajectory(ray_session, ["trainer.num_ranks=2", MICRO, *icepop, "algorithm.icepop_band=[0.95,1.05]"],
+                           tiny_model_dir, rl_batch)
+    assert 0.2 < steps[0]["correction_fraction"] < 0.42
+    assert steps[0]["mismatch_kl"] == pytest.approx(0.00125, rel=0.3)
+    assert 0.09 < steps[0]["mismatch_logprob_p99"] < 0.2  # |noise| at 0.99: 2.58 σ = 0.13
+    assert steps[0]["staleness_0"] > 0 and steps[0]["grad_norm"] > 0
+    frozen, _ = _trajectory(ray_session, [*icepop, "algorithm.icepop_band=[2,5]"], tiny_model_dir, rl_batch)
+    assert frozen[0]["correction_fraction"] == 1.0 and frozen[0]["grad_norm"] == 0.0
