@@ -15,10 +15,9 @@ torch is not imported: only tensor methods are used.
 """
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Callable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from cispo.section import Section
 

@@ -28,17 +28,20 @@ def tiny_tokenizer():
     return build_char_tokenizer("0123456789+=\\boxed{}")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A random tiny hybrid model saved as an HF directory with its tokenizer."""
+def save_tiny_model(tok, path: Path) -> Path:
+    """A random tiny hybrid model (seed 0) for tokenizer `tok`, saved with it as an HF directory at `path`."""
     import torch
 
     from rollout.model import build_hybrid, save_model
 
     torch.manual_seed(0)
-    tok = tiny_tokenizer
     model = build_hybrid("tiny", len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-model")
     save_model(model, tok, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A random tiny hybrid model saved as an HF directory with its tokenizer."""
+    return save_tiny_model(tiny_tokenizer, tmp_path_factory.mktemp("tiny-model"))

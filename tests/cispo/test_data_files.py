@@ -13,8 +13,8 @@ from cispo.config import DataConfig, RecipeError, SourceConfig, load_recipe
 from cispo.data import PromptSource, read_rows
 from cispo.loop import train
 from cispo.metrics import read_metrics
-from rollout.model import build_char_tokenizer, build_hybrid, save_model
-from tests.conftest import REPO
+from rollout.model import build_char_tokenizer
+from tests.conftest import REPO, save_tiny_model
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -150,16 +150,9 @@ def test_reward_sources_may_name_a_rows_own_source_only_when_the_data_names_them
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A random tiny hybrid whose tokenizer has a chat template (verl's prompts are chat messages)."""
-    import torch
-
     tok = build_char_tokenizer("0123456789+=<>abcdefghijklmnopqrstuvwxyz\\{}")
     tok.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    model = build_hybrid("tiny", len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("chat-model")
-    save_model(model, tok, path)
-    return path
+    return save_tiny_model(tok, tmp_path_factory.mktemp("chat-model"))
 
 
 @pytest.mark.slow

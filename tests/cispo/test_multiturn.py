@@ -17,9 +17,9 @@ from cispo.metrics import read_metrics
 from cispo.multiturn import ChatTemplate, Episodes, tool_calls
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
-from rollout.model import build_char_tokenizer, build_hybrid, load_model, load_tokenizer, save_model
+from rollout.model import build_char_tokenizer, load_model, load_tokenizer
 from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
-from tests.conftest import REPO
+from tests.conftest import REPO, save_tiny_model
 from tests.rollout.reference import teacher_forced
 
 RECIPE = REPO / "recipes/tiny-arith.yaml"
@@ -42,12 +42,7 @@ def chat_model_dir(tmp_path_factory):
     tok = build_char_tokenizer(string.digits + string.ascii_letters + string.punctuation + " \n")
     tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS})
     tok.chat_template = CHATML
-    torch.manual_seed(0)
-    model = build_hybrid("tiny", len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("chat-model")
-    save_model(model, tok, path)
-    return path
+    return save_tiny_model(tok, tmp_path_factory.mktemp("chat-model"))
 
 
 def _recipe(model_dir, *overrides):
