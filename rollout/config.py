@@ -64,13 +64,6 @@ def m1_layer_types(num_layers: int, linear_per_full: int = 7) -> list[str]:
     return ["full_attention" if (i + 1) % period == 0 else "linear_attention" for i in range(num_layers)]
 
 
-# Rollout engines by recipe name (`rollout.engine`), as "module:Class" so that this module stays free of
-# torch. An engine is one class: `Engine(model, config, pad_id, tokenizer)`, `generate(requests)`,
-# `load_weights(state_dict, version)`, `close()` (see rollout.engine.CispoEngine); adding one is a line here.
-ENGINES: dict[str, str] = {
-    "cispo": "rollout.engine:CispoEngine",
-    "hf": "rollout.hf_engine:HFGenerateEngine",
-}
 
 
 class Section(BaseModel):
@@ -112,7 +105,8 @@ class RolloutConfig(Section):
     max_batch_rows: int = Field(256, ge=1, description="sequences one worker decodes together; queued requests "
                                 "join as rows finish")
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")
-    engine: str = Field("cispo", description="the decode engine a worker runs (ENGINES): cispo (ours: continuous "
+    engine: Literal["cispo", "hf"] = Field("cispo", description="the decode engine a worker runs "
+                                           "(rollout.worker.ENGINES): cispo (ours: continuous "
                         "batching, any supported HF causal LM) | hf (transformers' generate, one request at a time)")
     function: str = Field("rollout.trajectory:single_turn", description="the rollout function, 'module:fn' "
                           "(rollout.trajectory.RolloutFunction), imported from the working directory, the recipe's "
@@ -122,9 +116,3 @@ class RolloutConfig(Section):
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
                                                    "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 
-    @field_validator("engine")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        if name not in ENGINES:
-            raise ValueError(f"unknown engine {name!r}; registered engines: {', '.join(ENGINES)}")
-        return name

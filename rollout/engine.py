@@ -15,14 +15,13 @@ decoded on the host.
 """
 from __future__ import annotations
 
-import importlib
 from collections import deque
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
-from rollout.config import ENGINES, RolloutConfig
+from rollout.config import RolloutConfig
 from rollout.kernels import use_fla_lightning
 from rollout.model import head_logits, new_cache, use_decode_attention
 from rollout.states import StateCache
@@ -239,7 +238,8 @@ class Engine:
     An engine is built as `Engine(model, config, pad_id, tokenizer)` from a loaded HF causal LM on its
     device, and offers `generate(requests) -> list[Trajectory]` (request order, then sample order,
     each token tagged with `self.version`), `load_weights(state_dict, version)` and `close()`. A new
-    engine subclasses this, writes `generate`, and is registered with one line in rollout.config.ENGINES.
+    engine subclasses this, writes `generate`, and is registered with one line in rollout.worker.ENGINES
+    (and its name in rollout.config's `engine`).
     """
 
     def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None):
@@ -290,9 +290,3 @@ class CispoEngine(Engine):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def engine_class(name: str):
-    """The engine class registered as `name` in rollout.config.ENGINES."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown rollout.engine {name!r}; registered engines: {', '.join(ENGINES)}")
-    module, cls = ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), cls)

@@ -9,9 +9,13 @@ import torch
 from ray.exceptions import RayActorError
 
 from rollout.config import RolloutConfig
-from rollout.engine import engine_class
+from rollout.engine import CispoEngine
+from rollout.hf_engine import HFGenerateEngine
 from rollout.model import load_model, load_tokenizer
 from rollout.trajectory import Request, Trajectory
+
+# Rollout engines by recipe name (`rollout.engine`, whose Literal in rollout.config lists the same names).
+ENGINES = {"cispo": CispoEngine, "hf": HFGenerateEngine}
 
 
 @ray.remote
@@ -22,7 +26,7 @@ class RolloutWorker:
     otherwise, with weights in `config.dtype` (auto: bf16 on a GPU, fp32 on CPU). To add an engine,
     subclass rollout.engine.Engine with its `generate(requests) -> trajectories` (rollout.engine.CispoEngine
     and rollout.hf_engine.HFGenerateEngine are the two there are), and register it with one line in
-    rollout.config.ENGINES; recipes then choose it by `rollout.engine`.
+    ENGINES and its name in rollout.config's `engine`; recipes then choose it by `rollout.engine`.
     """
 
     def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig):
@@ -37,7 +41,7 @@ class RolloutWorker:
         dtype = torch.bfloat16 if config.dtype == "bf16" or (config.dtype == "auto" and gpu) else torch.float32
         model = load_model(model_dir, dtype=dtype, device=self.device)
         # Stop strings are matched on text, so the engine gets the tokenizer saved beside the model.
-        self.engine = engine_class(config.engine)(model, config, pad_id, load_tokenizer(model_dir))
+        self.engine = ENGINES[config.engine](model, config, pad_id, load_tokenizer(model_dir))
 
     def generate(self, requests: list[Request]) -> list[Trajectory]:
         return self.engine.generate(requests)

@@ -4,6 +4,7 @@ Two worker actors serve the whole module (each costs seconds to start); the fail
 one, so it runs last.
 """
 import threading
+import typing
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from rollout.config import RolloutConfig
 from rollout.engine import generate
 from rollout.model import load_model
 from rollout.trajectory import Request, SamplingParams
-from rollout.worker import RolloutPool, balance
+from rollout.worker import ENGINES, RolloutPool, balance
 from tests.rollout.reference import teacher_forced
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 7], [1, 9, 10, 11, 12], [1, 4, 4]]
@@ -82,8 +83,9 @@ def test_update_weights_is_versioned(workers, tiny_model_dir):
 
 def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
     """An `hf` worker (transformers' generate) gives the same records, with teacher-forced fp32 logprobs."""
-    with pytest.raises(ValidationError, match="registered engines: cispo, hf"):
+    with pytest.raises(ValidationError, match="'cispo' or 'hf'"):
         RolloutConfig(engine="vllm")
+    assert set(ENGINES) == set(typing.get_args(RolloutConfig.model_fields["engine"].annotation))
     model = load_model(tiny_model_dir).eval()
     greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(7,), repetition_tokens=100)
     sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=5, repetition_tokens=100)
