@@ -9,7 +9,8 @@ import datasets
 import pytest
 
 from cispo.collect import encode_prompt
-from cispo.config import DataConfig, RecipeError, SourceConfig, load_recipe
+from cispo.config import RecipeError, load_recipe
+from cispo.sections import DataConfig, SourceConfig
 from cispo.data import PromptSource, read_rows
 from cispo.loop import train
 from cispo.metrics import read_metrics
