@@ -19,7 +19,6 @@ from cispo.config import Recipe, RecipeError
 from cispo.data import Prompt, PromptSource, derive_seed
 from cispo.metrics import Timer, percentile
 from cispo.sampling import dynamic_sample, has_spread
-from rewards.plugins import import_function
 from rewards.pool import ScoringPool
 from rewards.types import RewardInput
 from rollout.model import load_tokenizer
@@ -92,18 +91,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def rollout_function(recipe: Recipe):
-    """The recipe's `rollout.function` ('module:fn', rollout.trajectory.RolloutFunction), imported like a
-    user's reward: from the working directory, the recipe's directory and sys.path. Raises RecipeError,
-    one line naming the key, its value and where it was set, when it cannot be imported."""
-    name = recipe.rollout.function
-    try:
-        return import_function(name, recipe.search_dirs(), kind="rollout function")
-    except ValueError as exc:
-        why = str(exc).removeprefix(f"rollout function {name!r}: ")
-        raise RecipeError(f"{recipe.where('rollout.function')}: key 'rollout.function' = {name!r}: {why}") from None
-
-
 @dataclass
 class PendingStep:
     """One RL step's collection, running on the collector's background thread. `result()` waits for it
@@ -123,7 +110,7 @@ class Collector:
     def __init__(self, recipe: Recipe, tok, rollout, scorer: ScoringPool):
         self.recipe, self.tok, self.rollout, self.scorer = recipe, tok, rollout, scorer
         self.rewards = recipe.rewards()  # RecipeError naming the key for a reward that cannot load
-        self.rollout_function = rollout_function(recipe)  # likewise for rollout.function
+        self.rollout_function = recipe.rollout_function()  # likewise for rollout.function
         if isinstance(self.rollout_function, type):  # a class: built once, with what it needs to know
             self.rollout_function = self.rollout_function(recipe, tok)
         self.unscored = 0  # responses pass_rates could not score (reward error, timeout, sandbox error)

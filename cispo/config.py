@@ -14,6 +14,7 @@ from cispo.section import RecipeError, Section, choices
 from cispo.sections import (AlgorithmConfig, DataConfig, EnvConfig, EvalConfig, OptimConfig, ResourcesConfig,
                             RunConfig, SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
 from rewards.config import RewardConfig
+from rewards.plugins import import_function
 from rollout.config import ModelConfig, RolloutConfig
 
 
@@ -61,11 +62,21 @@ class Recipe(Section):
     def loss(self):
         """The loss function `algorithm.name` names, imported as each trainer rank imports it (cispo.loss.resolve),
         from `search_dirs()`. Raises RecipeError, one line naming the key, its value and where it was set."""
+        return self._load("algorithm.name", self.algorithm.name, "loss", losses.resolve)
+
+    def rollout_function(self):
+        """The rollout function `rollout.function` names ('module:fn', rollout.trajectory.RolloutFunction, or a
+        class), imported from `search_dirs()` and sys.path. Raises RecipeError, one line naming the key, its
+        value and where it was set."""
+        return self._load("rollout.function", self.rollout.function, "rollout function",
+                          lambda name, search: import_function(name, search, kind="rollout function"))
+
+    def _load(self, key: str, name: str, kind: str, load):
         try:
-            return losses.resolve(self.algorithm.name, self.search_dirs())
+            return load(name, self.search_dirs())
         except ValueError as exc:
-            why = str(exc).removeprefix(f"loss {self.algorithm.name!r}: ")
-            raise RecipeError(f"{self.where('algorithm.name')}: key 'algorithm.name' = {self.algorithm.name!r}: {why}") from None
+            why = str(exc).removeprefix(f"{kind} {name!r}: ")
+            raise RecipeError(f"{self.where(key)}: key '{key}' = {name!r}: {why}") from None
 
     def search_dirs(self) -> list[str]:
         """Where a user's reward or loss module ('module:function') is looked for, besides sys.path: the working

@@ -88,6 +88,6 @@ def train(recipe: Recipe) -> dict:
                    "eval_unscored": collector.unscored,
                    "wall_s": time.perf_counter() - t0, **time_medians(rows)}
         run.finish(trainers, tok, summary)
-    print(f"done: eval accuracy {acc_start:.3f} -> {acc_end:.3f} in {summary['wall_s']:.0f}s "
-          f"({recipe.run.max_steps} steps), run dir {run.path}", flush=True)
+    print(f"done: eval accuracy {acc_start:.3f} -> {acc_end:.3f} ({acc_end - acc_start:+.3f} on {len(source.eval)} "
+          f"held-out prompts) in {summary['wall_s']:.0f}s ({recipe.run.max_steps} steps), run dir {run.path}", flush=True)
     return summary

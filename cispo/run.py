@@ -21,10 +21,11 @@ class RunDir:
 
     def __init__(self, recipe: Recipe):
         """Refuses to reuse a dir that holds a run unless resuming; with run.resume, finds the newest
-        complete checkpoint (`resume_from`) or refuses. A reward or a loss that cannot load is refused here
-        too, before a model is built or Ray started."""
+        complete checkpoint (`resume_from`) or refuses. A reward, a loss or a rollout function that cannot
+        load is refused here too, before a model is built or Ray started."""
         recipe.rewards()
         recipe.loss()
+        recipe.rollout_function()
         self.recipe, self.path = recipe, Path(recipe.run.dir)
         found = checkpoint.latest(self.path) if recipe.run.resume else None
         if recipe.run.resume and found is None:

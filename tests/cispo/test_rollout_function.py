@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from cispo.batching import rl_batch
-from cispo.collect import Collector, Group, rollout_function
+from cispo.collect import Collector, Group
 from cispo.config import RecipeError, load_recipe
 from cispo.data import Prompt, PromptSource
 from cispo.loop import train
 from cispo.loss import policy_loss
 from cispo.metrics import Timer, read_metrics
+from cispo.run import RunDir
 from rewards.pool import ScoringPool
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
@@ -83,15 +84,17 @@ def test_pending_steps_queue_in_order_and_give_what_a_step_alone_gives(tiny_mode
     assert queued == alone and queued[0] != queued[1]
 
 
-def test_a_rollout_function_that_cannot_load_is_one_line_naming_the_key(tiny_tokenizer):
+def test_a_rollout_function_that_cannot_load_is_one_line_naming_the_key(tmp_path):
+    """Refused when the run directory is opened, before a model is built or Ray started."""
     for value, why in [("tests.cispo.user_rollouts:missing", "has no 'missing'"),
                        ("no_such_module:fn", "cannot be imported"), ("single_turn", "expected 'module:function'")]:
-        recipe = load_recipe(RECIPE, [f"rollout.function={value}"])
+        recipe = load_recipe(RECIPE, [f"rollout.function={value}", f"run.dir={tmp_path / 'run'}"])
         with pytest.raises(RecipeError) as err:
-            Collector(recipe, tiny_tokenizer, None, None)
+            RunDir(recipe)
         assert str(err.value).startswith(f"command line: key 'rollout.function' = '{value}': ")
         assert why in str(err.value) and "\n" not in str(err.value)
-    assert rollout_function(load_recipe(RECIPE, [FUNCTION])) is with_tool_output
+        assert not (tmp_path / "run").exists()
+    assert load_recipe(RECIPE, [FUNCTION]).rollout_function() is with_tool_output
 
 
 def test_a_rollout_function_that_returns_too_few_trajectories_is_named(tiny_model_dir, tiny_tokenizer):
