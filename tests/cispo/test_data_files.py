@@ -157,10 +157,13 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(ray_session, chat_model, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(ray_session, chat_model, tmp_path,
+                                                                                streaming):
     """One recipe mixing the three, so every step draws from each: verl's rows encoded with the chat template
     and scored by a verl compute_score routed by their data_source (any other route would be a counted
-    error, and so would verl's fields not reaching it), TRL's directory and the CSV through column mappings, scored by math-verify."""
+    error, and so would verl's fields not reaching it), TRL's directory and the CSV through column mappings, scored by math-verify.
+    Read whole, and read as streams (data.streaming)."""
     verl, trl, csv = write_verl(tmp_path / "verl.parquet"), write_trl(tmp_path / "trl"), write_csv(tmp_path / "r.csv")
     sources = (f"[{{name: verl, format: verl, path: {verl}, eval_path: {verl}}}, "
                f"{{name: trl, path: {trl}, eval_path: {trl}, columns: {{prompt: question, answer: solution}}}}, "
@@ -169,7 +172,7 @@ def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(r
         f"data.sources={sources}", f"model.path={chat_model}", "data.eval_size=2", "data.prompts_per_step=12",
         "reward.sources={openai/gsm8k: tests.rewards.user_rewards:verl_length_parity}", "rollout.n_samples=4",
         "rollout.max_new_tokens=6", "sft.steps=0", "algorithm.dynamic_sampling=false", "run.max_steps=2",
-        "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"])
+        "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}", f"data.streaming={streaming}"])
     source = PromptSource(recipe.data, recipe.run.seed)
     for step in (1, 2):  # the prompts each step trains on (the loop draws the same), from every file
         assert {p.source for p in source.batch(step)} == {"openai/gsm8k", "trl", "csv-a", "csv-b"}
