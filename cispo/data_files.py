@@ -5,6 +5,7 @@ Our JSONL (.jsonl, .jsonl.gz) is read here line by line. Parquet, CSV, JSON, Arr
 Arrow in its cache once and memory-maps it, so a table larger than memory can be read. JSONL stays ours because `datasets` infers one schema for
 the whole file: it turned an answer "1" into the integer 1 when another row's answer was a number, and
 one malformed line failed the whole file, so `data.on_bad_row` could not apply to that row.
+With `data.streaming` every type, JSONL too, is read as a `datasets.IterableDataset` (`stream`).
 """
 from __future__ import annotations
 
@@ -76,9 +77,7 @@ def rows(path: Path, columns: dict[str, str]) -> Sequence[str | dict]:
     The `columns` the recipe maps must exist in a table (RecipeError naming the key and the columns there
     are)."""
     if is_jsonl(path):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as lines:
-            return list(lines)
+        return list(_lines(path))
     found = table(path)
     _check_columns(path, found.column_names, columns)
     return found
@@ -100,23 +99,27 @@ def stream(path: Path, columns: dict[str, str], seed: int, buffer: int):
 
     datasets.disable_progress_bars()
     if is_jsonl(path):
-        return datasets.IterableDataset.from_generator(
-            _lines, gen_kwargs={"path": str(path)}, features=datasets.Features({LINE: datasets.Value("string")})
-        ).map(lambda row, i: {ROW: i}, with_indices=True).shuffle(seed=seed, buffer_size=buffer)
-    with reading(path):
-        if path.is_dir() or path.suffix == ".arrow":  # already Arrow on disk, memory-mapped: nothing to convert
-            found = table(path).to_iterable_dataset()
-        else:
-            found = _load(path, streaming=True)
-        names = found.column_names or list(next(iter(found), {}))  # JSON declares none: its first row's
-    _check_columns(path, names, columns)
+        found = datasets.IterableDataset.from_generator(_line_rows, gen_kwargs={"path": path},
+                                                         features=datasets.Features({LINE: datasets.Value("string")}))
+    else:
+        with reading(path):
+            if path.is_dir() or path.suffix == ".arrow":  # already Arrow on disk, memory-mapped: nothing to convert
+                found = table(path).to_iterable_dataset()
+            else:
+                found = _load(path, streaming=True)
+            names = found.column_names or list(next(iter(found), {}))  # JSON declares none: its first row's
+        _check_columns(path, names, columns)
     return found.map(lambda row, i: {ROW: i}, with_indices=True).shuffle(seed=seed, buffer_size=buffer)
 
 
-def _lines(path: str):
-    opener = gzip.open if path.endswith(".gz") else open
+def _lines(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as lines:
-        yield from ({LINE: line} for line in lines)
+        yield from lines
+
+
+def _line_rows(path: Path):
+    yield from ({LINE: line} for line in _lines(path))
 
 
 def where(path: Path, i: int) -> str:
