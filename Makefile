@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: setup run test
+.PHONY: setup run test results
 setup: $(VENV)/.installed
 
 # torch first: the CPU wheel; deepspeed installed first would pull a ~3 GB CUDA torch (docs/notes.md#install).
@@ -22,3 +22,7 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
+
+# README's main-job table: make run's recipe over seeds 0-4 (about 5 x 10 minutes on 2 idle cores).
+results: setup
+	$(PY) experiments/results.py $(ARGS)

@@ -162,18 +162,65 @@ def read_rows(path: str | Path, fmt: str = "jsonl", source: str = "", skip_bad: 
     convert = functools.partial(_prompt, fmt=fmt, columns=columns or {}, source=source)
     rows, good, skipped = data_files.rows(path, columns or {}), array("q"), 0
     for i, row in enumerate(rows):
-        if isinstance(row, str) and not row.strip():
-            continue
-        try:
-            convert(row)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            if not skip_bad:
-                raise RecipeError(f"{path}:{data_files.where(path, i)}: bad {fmt} row ({type(exc).__name__}: {exc}); "
-                                  f"data.on_bad_row=skip skips such rows") from None
-            skipped += 1
-            continue
-        good.append(i)
+        checked = _checked(path, i, row, fmt, convert, skip_bad)
+        skipped += checked is BAD
+        if isinstance(checked, Prompt):
+            good.append(i)
     return Prompts(rows, good, convert), skipped
+
+
+BAD = object()  # _checked's answer for a bad row that data.on_bad_row=skip skips
+
+
+def _checked(path: Path, i: int, row: str | dict, fmt: str, convert, skip_bad: bool) -> Prompt | None | object:
+    """Row i of `path` as a Prompt; None for a blank JSONL line; BAD for a bad row when `skip_bad`, else a
+    RecipeError naming file:line (file:row i for tables)."""
+    if isinstance(row, str) and not row.strip():
+        return None
+    try:
+        return convert(row)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        if not skip_bad:
+            raise RecipeError(f"{path}:{data_files.where(path, i)}: bad {fmt} row ({type(exc).__name__}: {exc}); "
+                              f"data.on_bad_row=skip skips such rows") from None
+        return BAD
+
+
+class Stream:
+    """A training file read as a stream (data.streaming), for files larger than memory: `take(k)` gives the
+    next k good prompts in a seeded shuffle-buffer order (datasets' IterableDataset.shuffle), epoch after
+    epoch. Each row is checked when read, as read_rows checks it up front (file:row, data.on_bad_row);
+    `skipped` counts the bad rows skipped so far."""
+
+    def __init__(self, path: str | Path, fmt: str, source: str, skip_bad: bool, columns: dict[str, str],
+                 seed: int, buffer: int):
+        self.path, self.fmt, self.skip_bad = Path(path), fmt, skip_bad
+        if not self.path.exists():
+            raise RecipeError(f"data file not found: {path}")
+        self.convert = functools.partial(_prompt, fmt=fmt, columns=columns, source=source)
+        self.rows = data_files.stream(self.path, columns, seed, buffer)
+        self.epoch, self.good, self.skipped = 0, 0, 0
+        self.it = iter(self.rows)
+
+    def take(self, k: int) -> list[Prompt]:
+        out = []
+        while len(out) < k:
+            with data_files.reading(self.path):
+                row = next(self.it, None)
+            if row is None:  # the end of an epoch: the next one, in another order
+                if not self.good:
+                    raise RecipeError(f"{self.path}: no good rows to stream ({self.skipped} bad rows skipped)")
+                self.epoch, self.good = self.epoch + 1, 0
+                self.rows.set_epoch(self.epoch)
+                self.it = iter(self.rows)
+                continue
+            i = row.pop(data_files.ROW)
+            checked = _checked(self.path, i, row.get(data_files.LINE, row), self.fmt, self.convert, self.skip_bad)
+            self.skipped += checked is BAD
+            if isinstance(checked, Prompt):
+                self.good += 1
+                out.append(checked)
+        return out
 
 
 class PromptSource:
@@ -205,9 +252,12 @@ class PromptSource:
             return problems[self.cfg.eval_size:], problems[:self.cfg.eval_size]
         if s.path is None:
             raise RecipeError(f"data source {s.name!r} ({s.format}) needs a path")
-        splits = []
-        for path in (s.path, s.eval_path):
-            rows, skipped = read_rows(path, s.format, s.name, self.cfg.on_bad_row == "skip", s.columns) if path else ([], 0)
+        skip_bad, splits = self.cfg.on_bad_row == "skip", []
+        if self.cfg.streaming:  # the held-out file is read whole: eval_size rows are scored at every eval
+            splits.append(Stream(s.path, s.format, s.name, skip_bad, s.columns, derive_seed(self.seed, 0, "stream"),
+                                 self.cfg.shuffle_buffer))
+        for path in (s.path, s.eval_path)[len(splits):]:
+            rows, skipped = read_rows(path, s.format, s.name, skip_bad, s.columns) if path else ([], 0)
             if skipped:
                 self.skipped[path] = skipped
             splits.append(rows)
@@ -234,4 +284,9 @@ class PromptSource:
             counts = {next(iter(weights)): size}
         else:
             counts = Counter(rng.choices(list(weights), list(weights.values()), k=size))
-        return [p for name, k in counts.items() for p in rng.sample(self.pools[name], min(k, len(self.pools[name])))]
+        return [p for name, k in counts.items() for p in self._draw(self.pools[name], k, rng)]
+
+    @staticmethod
+    def _draw(pool: Sequence[Prompt] | Stream, k: int, rng: random.Random) -> list[Prompt]:
+        # A stream has no index to sample by: its next k rows, already shuffled by its buffer.
+        return pool.take(k) if isinstance(pool, Stream) else rng.sample(pool, min(k, len(pool)))

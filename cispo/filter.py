@@ -23,6 +23,9 @@ def filter_by_pass_rate(recipe: Recipe, out: str | Path, n: int = 10, low: float
     (`prompt`, `answer`, `target`, `source`, `pass_rate`, and the row's other fields: a `format: jsonl`
     source reads it back). Returns counts of kept and dropped prompts per source, and of those dropped
     because no response could be scored (`unscored`); warns on stderr when it keeps nothing."""
+    if recipe.data.streaming:
+        raise RecipeError("cispo filter scores every training prompt, and a stream (data.streaming=true) has no "
+                          "end to read to: filter with data.streaming=false")
     source = PromptSource(recipe.data, recipe.run.seed)  # first: a missing data file fails before the model loads
     try:
         model, tok = starting_model(recipe.model)

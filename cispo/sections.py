@@ -4,6 +4,7 @@ registries a field chooses from are imported here as plain modules."""
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -62,6 +63,12 @@ class DataConfig(Section):
                                                  "or skip it and count it")
     digits: int = Field(2, ge=1, le=6, description="arith: operand digits")
     eval_size: int = Field(200, ge=1, description="held-out prompts scored before and after RL, per source")
+    streaming: bool = Field(False, description="read each training file as a stream (datasets' IterableDataset), "
+                            "for files larger than memory or than the disk's room for datasets' Arrow cache: "
+                            "batches are its next rows in a seeded shuffle-buffer order, each row checked as it is "
+                            "read; held-out files are still read whole. Resume does not redraw the same rows")
+    shuffle_buffer: int = Field(10_000, ge=1, description="data.streaming: rows held to shuffle a stream (more "
+                                "is closer to a uniform draw, and costs memory)")
     prompts_per_step: int = Field(16, ge=1, description="prompts per RL step (each sampled n times)")
 
     def mix(self) -> list[SourceConfig]:
@@ -122,6 +129,19 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm to this (M1's 80k stage lowers it)")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, in optimizer steps")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="the RL learning rate after the "
+                                                    "warm-up: constant, or a cosine down to 0 at the run's last "
+                                                    "update (run.max_steps x algorithm.updates_per_batch), so the "
+                                                    "policy settles instead of ending mid-swing")
+
+    def lr_at(self, update: int, total: int) -> float:
+        """The RL learning rate of optimizer step `update` (0-based) of `total`: linear warm-up over
+        `warmup_steps`, then `schedule`."""
+        lr = self.lr * min(1.0, (update + 1) / max(self.warmup_steps, 1))
+        if self.schedule == "cosine" and update >= self.warmup_steps:
+            done = min(1.0, (update - self.warmup_steps) / max(total - self.warmup_steps, 1))
+            lr *= 0.5 * (1 + math.cos(math.pi * done))
+        return lr
 
 
 class SFTConfig(Section):

@@ -68,17 +68,18 @@ class Trainer:
     """One DeepSpeed rank. It gets the recipe's values it reads, by name, never the whole recipe (whose
     validation would import every reward, the code sandbox included): its sections `trainer`, `optim`
     and `loss` (cispo.loss.LossConfig, keys under `algorithm`), `correction` (cispo.corrections), and
-    `old_logprobs`, `sft_lr`, `seed`, `threads`. `search` holds the directories a user's 'module:function' loss is imported from."""
+    `old_logprobs`, `sft_lr`, `seed`, `threads`. `search` holds the directories a user's 'module:function' loss is imported from;
+    `total_updates` is the run's count of RL optimizer steps, where a cosine schedule reaches 0."""
 
     def __init__(self, model_dir: str, rank: int, world_size: int, *, trainer: TrainerConfig, optim: OptimConfig,
                  loss: LossConfig, correction: CorrectionConfig, old_logprobs: str, sft_lr: float, seed: int,
-                 threads: int, search: list[str]):
+                 threads: int, search: list[str], total_updates: int):
         self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
         self.trainer, self.optim, self.loss, self.old_logprobs = trainer, optim, loss, old_logprobs
         self.correction = correction
         self.sft_lr, self.seed, self.threads, self.search = sft_lr, seed, threads, search
         self.skipped_steps = 0
-        self.rl_updates = 0  # drives the linear warm-up of the RL learning rate
+        self.rl_updates, self.total_updates = 0, total_updates  # drive the RL learning rate (OptimConfig.lr_at)
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group: this node's IP and a free port on it."""
@@ -171,7 +172,7 @@ class Trainer:
         gap = self._recompute_old_logprobs(updates, temperature) if self.old_logprobs == "recompute" else {}
         losses, norms, on_token, loss_figures = [], [], [], {}
         for micro_batches in updates:
-            self._set_lr(o.lr * min(1.0, (self.rl_updates + 1) / max(o.warmup_steps, 1)))
+            self._set_lr(o.lr_at(self.rl_updates, self.total_updates))
             self.rl_updates += 1
             out = self._update(micro_batches, per_token_loss, temperature)
             losses.append(out["loss"])
@@ -273,7 +274,8 @@ class TrainerGroup:
         trainers = cls(recipe, [actor.remote(model_dir, r, size, trainer=recipe.trainer, optim=recipe.optim,
                                              loss=a.loss_section(), correction=a.correction_section(),
                                              old_logprobs=a.old_logprobs, sft_lr=recipe.sft.lr,
-                                             seed=run.seed, threads=run.threads, search=recipe.search_dirs())
+                                             seed=run.seed, threads=run.threads, search=recipe.search_dirs(),
+                                             total_updates=run.max_steps * a.updates_per_batch)
                                 for r in range(size)], group)
         try:
             addr, port = ray.get(trainers.ranks[0].address.remote())

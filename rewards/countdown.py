@@ -121,7 +121,7 @@ def problems(ops: str, size: int = 3, high: int = 9) -> list[tuple[tuple[int, ..
                    for chosen in itertools.product(ops, repeat=size - 1)})
 
 
-def write(out_dir: str | Path, ops: str = "+-", held_out: int = 200, seed: int = 0) -> dict[str, float]:
+def write(out_dir: str | Path, ops: str = "+-", held_out: int = 500, seed: int = 0) -> dict[str, float]:
     """JSONL rows with `prompt`, `answer` (numbers and target as JSON text, for `score`) and `target`
     (the demonstrator's attempt, for the warm start): `held_out` problems in eval.jsonl, in train.jsonl
     every problem that is not one of them in another order. Returns the demonstrator's accuracy

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -69,3 +70,16 @@ def test_saved_recipe_loads_back_and_names_its_recipe_file(tmp_path):
     assert saved_origin(tmp_path / "config.yaml") == REPO / "recipes/tiny-arith.yaml"
     dump_recipe(Recipe.model_validate({"algorithm": {"eps_high": 4.0}}), tmp_path / "built.yaml")
     assert saved_origin(tmp_path / "built.yaml") is None
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_update():
+    """optim.schedule=cosine: make run's recipe ends with the policy settled (lr near 0), not mid-swing."""
+    r = load_recipe(RECIPE, ["optim.lr=1e-3", "optim.warmup_steps=4", "optim.schedule=cosine"])
+    lrs = [r.optim.lr_at(u, 20) for u in range(20)]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])  # the warm-up, then the peak
+    assert lrs[12] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    constant = load_recipe(RECIPE, ["optim.lr=1e-3", "optim.warmup_steps=4"]).optim
+    assert [constant.lr_at(u, 20) for u in (0, 3, 19)] == pytest.approx([2.5e-4, 1e-3, 1e-3])
+    with pytest.raises(RecipeError, match="optim.schedule"):
+        load_recipe(RECIPE, ["optim.schedule=linear"])

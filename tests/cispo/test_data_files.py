@@ -11,7 +11,7 @@ import pytest
 from cispo.collect import encode_prompt
 from cispo.config import RecipeError, load_recipe
 from cispo.sections import DataConfig, SourceConfig
-from cispo.data import PromptSource, read_rows
+from cispo.data import PromptSource, Stream, read_rows
 from cispo.loop import train
 from cispo.metrics import read_metrics
 from rollout.model import build_char_tokenizer
@@ -157,10 +157,13 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(ray_session, chat_model, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(ray_session, chat_model, tmp_path,
+                                                                                streaming):
     """One recipe mixing the three, so every step draws from each: verl's rows encoded with the chat template
     and scored by a verl compute_score routed by their data_source (any other route would be a counted
-    error, and so would verl's fields not reaching it), TRL's directory and the CSV through column mappings, scored by math-verify."""
+    error, and so would verl's fields not reaching it), TRL's directory and the CSV through column mappings, scored by math-verify.
+    Read whole, and read as streams (data.streaming)."""
     verl, trl, csv = write_verl(tmp_path / "verl.parquet"), write_trl(tmp_path / "trl"), write_csv(tmp_path / "r.csv")
     sources = (f"[{{name: verl, format: verl, path: {verl}, eval_path: {verl}}}, "
                f"{{name: trl, path: {trl}, eval_path: {trl}, columns: {{prompt: question, answer: solution}}}}, "
@@ -169,7 +172,7 @@ def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(r
         f"data.sources={sources}", f"model.path={chat_model}", "data.eval_size=2", "data.prompts_per_step=12",
         "reward.sources={openai/gsm8k: tests.rewards.user_rewards:verl_length_parity}", "rollout.n_samples=4",
         "rollout.max_new_tokens=6", "sft.steps=0", "algorithm.dynamic_sampling=false", "run.max_steps=2",
-        "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"])
+        "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}", f"data.streaming={streaming}"])
     source = PromptSource(recipe.data, recipe.run.seed)
     for step in (1, 2):  # the prompts each step trains on (the loop draws the same), from every file
         assert {p.source for p in source.batch(step)} == {"openai/gsm8k", "trl", "csv-a", "csv-b"}
@@ -178,3 +181,63 @@ def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(r
     assert summary["steps"] == 2 and [r["step"] for r in rows] == [1, 2]
     assert all(r["reward_error"] == 0 and r["reward_sandbox_error"] == 0 for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows)  # the verl rows' rewards differ within a group: a real update
+
+
+def test_a_streamed_file_gives_each_good_row_once_per_epoch_in_a_seeded_order(tmp_path):
+    """data.streaming: rows in a shuffle-buffer order that the seed fixes, every row once per epoch, the
+    next epoch in another order; the same for JSONL, parquet and CSV."""
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(12)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
+    write_csv(tmp_path / "r.csv")
+    for name in ("r.jsonl", "r.parquet", "r.csv"):
+        first, again = (Stream(tmp_path / name, "jsonl", "s", False, {}, seed=3, buffer=100) for _ in range(2))
+        epoch1, epoch2 = [p.text for p in first.take(12)], [p.text for p in first.take(5)] + [p.text for p in first.take(7)]
+        assert sorted(epoch1) == sorted(epoch2) == sorted(p.text for p in read_rows(tmp_path / name)[0]), name
+        assert epoch1 != sorted(epoch1, key=lambda t: int(t.split("+")[0])) and epoch2 != epoch1, name
+        assert [p.text for p in again.take(12)] == epoch1, name
+    assert [p.source for p in Stream(tmp_path / "r.csv", "jsonl", "csv", False, {"source": "origin"}, 0, 4).take(2)] \
+        != ["csv", "csv"]  # a mapped source column names each row's source, as read_rows does
+
+
+def test_a_streamed_bad_row_names_file_and_row_and_follows_on_bad_row(tmp_path):
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(6)]
+    lines[2] = '{"prompt": "2+1=", '  # line 3: cut short
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n\n")  # and a blank line, which is no row
+    with pytest.raises(RecipeError, match=r"r.jsonl:3: bad jsonl row \(JSONDecodeError: .*data.on_bad_row=skip"):
+        Stream(tmp_path / "r.jsonl", "jsonl", "s", False, {}, 0, 100).take(6)
+    stream = Stream(tmp_path / "r.jsonl", "jsonl", "s", True, {}, 0, buffer=1)  # a buffer of 1: the file's order
+    assert [p.text for p in stream.take(10)] == [f"{i}+1=" for i in (0, 1, 3, 4, 5)] * 2 and stream.skipped == 2
+    path = write_verl(tmp_path / "train.parquet", bad={**verl_row(1, 1, 2), "prompt": []})
+    with pytest.raises(RecipeError, match=r"train.parquet:row 1: bad verl row \(ValueError: 'prompt' is not a list"):
+        Stream(path, "verl", "v", False, {}, 0, 100).take(12)
+    with pytest.raises(RecipeError, match=r"r.parquet: no column 'problem' \(columns.prompt\); it has prompt"):
+        datasets.Dataset.from_list([{"prompt": "1+1=", "answer": "2"}]).to_parquet(str(tmp_path / "r.parquet"))
+        Stream(tmp_path / "r.parquet", "jsonl", "s", False, {"prompt": "problem"}, 0, 100)
+    (tmp_path / "all-bad.jsonl").write_text("{\n")
+    with pytest.raises(RecipeError, match=r"all-bad.jsonl: no good rows to stream \(1 bad rows skipped\)"):
+        Stream(tmp_path / "all-bad.jsonl", "jsonl", "s", True, {}, 0, 100).take(1)
+
+
+def test_a_streamed_file_is_read_as_drawn(tmp_path):
+    """For files larger than memory: drawing 4 prompts from a 16 MB JSONL stream holds about the shuffle
+    buffer's rows (50 of 2000, 8 kB each), where reading it whole holds every line; a PromptSource with
+    data.streaming draws its batches from the stream (held-out rows still read whole)."""
+    big = "7" * 8000
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{big}=", "answer": str(i)}) + "\n"
+                                                for i in range(2000)))
+    tracemalloc.start()
+    try:
+        drawn = Stream(tmp_path / "big.jsonl", "jsonl", "big", False, {}, 0, 50).take(4)
+        streamed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        read_rows(tmp_path / "big.jsonl")
+        whole = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(drawn) == 4 and streamed < 2_000_000 < 16_000_000 < whole, (streamed, whole)
+    cfg = DataConfig(source="jsonl", path=str(tmp_path / "big.jsonl"), eval_path=str(tmp_path / "big.jsonl"),
+                     eval_size=3, streaming=True, shuffle_buffer=50)
+    source = PromptSource(cfg, 0)
+    batches = [p.answer for p in source.batch(1, 8)] + [p.answer for p in source.batch(2, 8)]
+    assert len(set(batches)) == 16 and [p.answer for p in source.eval] == ["0", "1", "2"]
