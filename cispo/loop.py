@@ -59,8 +59,9 @@ def train(recipe: Recipe) -> dict:
             return collector.submit(step, source, window, Timer(f"step {step}"), reason)
 
         for step in range(first_step, recipe.run.max_steps + 1):
-            pending = pending or collect(step)
+            began, pending = time.perf_counter(), pending or collect(step)
             (first, groups, sampling), timer = pending.result(), pending.timer
+            timer.start = began  # a step's wall time runs from the end of the one before, even if it collected during it
             max_new_tokens, reason, pending = pending.window, pending.reason, None
             if reason:
                 print(f"stage: window -> {max_new_tokens} tokens ({reason})", flush=True)
