@@ -13,13 +13,14 @@ The long tail is made with M1's own repetition stop, set loose (`rollout.repetit
 the random tiny model this gives a stand-in for a reasoning model's lengths, most short and a few at the
 budget (measured: median 19, p90 50, max 128 of 128 tokens). The rewards are all 0 there, so advantages
 are 0 and the weights stay put: every mode meets the same length distribution at every step. Each mode's
-first `--chunk`-limited steps fill its pipeline and are left out; figures are over the steps after.
+first budget/chunk + 1 steps fill its pipeline and are left out, and so is the last (it evaluates);
+figures are over the steps between.
 
 Trained tokens/s = response tokens trained (the rows' staleness_* counts) / the steps' wall time.
 
 Then a cluster simulation (`simulate`), its assumptions stated in its docstring and in the JSON line.
 
-    python benchmarks/async_throughput.py [--steps 10] [--budget 128] [--chunk 32] [--threads 1]
+    python benchmarks/async_throughput.py [--steps 12] [--budget 128] [--chunk 32] [--threads 1]
 
 Prints one JSON line with the three modes' figures and their ratios to synchronous.
 """
@@ -48,7 +49,7 @@ def measure(mode: list[str], args, run_dir: str) -> dict:
         "rollout.n_samples=8", f"rollout.max_new_tokens={args.budget}", "rollout.repetition_tokens=1",
         f"rollout.repetition_prob={args.stop_prob}", "algorithm.dynamic_sampling=false", "wandb.mode=disabled", *mode])
     train(recipe)
-    rows = read_metrics(run_dir)[args.skip:]
+    rows = read_metrics(run_dir)[args.skip:-1]  # the last step also evaluates
     tokens = sum(v for r in rows for k, v in r.items() if k.startswith("staleness_"))
     wall = sum(r["time_step_s"] for r in rows)
     return {"trained_tokens_per_s": round(tokens / wall, 1), "step_s_median": round(statistics.median(
@@ -73,7 +74,8 @@ def simulate(recipe_path: str, budget: int, chunk: int, steps: int = 200, seed: 
     recipe = load_recipe(recipe_path, [])
     shape, _ = model_shape(recipe)
     r, res = recipe.rollout, recipe.resources
-    rollout_gpus, train_gpus = r.num_workers * max(1, res.rollout.gpus), recipe.trainer.num_ranks * max(1, res.trainer.gpus)
+    rollout_gpus = r.num_workers * int(max(1, res.rollout.gpus))
+    train_gpus = recipe.trainer.num_ranks * int(max(1, res.trainer.gpus))
     flops = shape.flops_per_token(budget // 2)
     decode_per_token = flops / (rollout_gpus * 0.3 * 989e12)
     forward_per_token = flops / (rollout_gpus * 0.4 * 989e12)
@@ -112,7 +114,7 @@ def simulate(recipe_path: str, budget: int, chunk: int, steps: int = 200, seed: 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--stop-prob", type=float, default=0.1)
@@ -128,7 +130,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="async-throughput-")
     figures = {name: measure(mode, args, os.path.join(root, name)) for name, mode in modes.items()}
     base = figures["synchronous"]["trained_tokens_per_s"]
-    line = {"budget": args.budget, "chunk": args.chunk, "steps": args.steps, "measured_steps": args.steps - args.skip,
+    line = {"budget": args.budget, "chunk": args.chunk, "steps": args.steps, "measured_steps": args.steps - args.skip - 1,
             "threads_per_actor": args.threads, "cpus": os.cpu_count(),
             **{f"{name}_{k}": v for name, f in figures.items() for k, v in f.items()},
             **{f"{name}_vs_synchronous": round(f["trained_tokens_per_s"] / base, 2)
