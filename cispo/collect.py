@@ -223,16 +223,18 @@ class Collector:
 
     def _partial_step(self, step: int, source: PromptSource, budget: int,
                       timer: Timer) -> tuple[list[Group], list[Group], dict]:
-        """One step of partial rollouts: fresh prompts fill the groups in flight up to `prompts_per_step`
-        (drawn as stream `rl0` of the step, each group seeded as in `_step`); every unfinished sample then
+        """One step of partial rollouts: `prompts_per_step` fresh prompts join the groups in flight (drawn as
+        stream `rl0` of the step, each group seeded as in `_step`), so prompts are used at the synchronous
+        loop's pace and a step trains about as many groups once the pipeline is full (at most
+        ⌈max_new_tokens / partial_tokens⌉ steps' admissions are in flight); every unfinished sample then
         decodes at most `rollout.partial_tokens` tokens. A paused sample continues from its prompt and
         tokens so far, re-prefilled under the current weights, as a request of its own seeded from (its
         group's seed, its length, its index), so what it draws depends on steps and token counts only.
         Groups whose n samples all finished are scored and returned; dynamic sampling drops those without
-        spread and does not refill (the next step admits fresh prompts in their place)."""
-        r, seed, pps = self.recipe.rollout, self.recipe.run.seed, self.recipe.data.prompts_per_step
+        spread and does not refill."""
+        r, seed = self.recipe.rollout, self.recipe.run.seed
         params = self.sampling(max_new_tokens=budget)
-        fresh = source.batch(step, pps - len(self.paused), stream="rl0") if len(self.paused) < pps else []
+        fresh = source.batch(step, self.recipe.data.prompts_per_step, stream="rl0")
         flight = self.paused + [Paused(p, derive_seed(seed, step, "rl0", j), step, []) for j, p in enumerate(fresh)]
         requests, owners = [], []  # owners[i]: (group, sample index, or None for a fresh group's n samples)
         for g in flight:
