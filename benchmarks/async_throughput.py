@@ -68,8 +68,8 @@ def simulate(recipe_path: str, budget: int, chunk: int, steps: int = 200, seed: 
     - a resumed response re-prefills its prompt and tokens so far (what our engine does);
     - response lengths are the benchmark's shape scaled to the budget: geometric with mean budget/6,
       cut at the budget; weight sync and scoring are free.
-    Synchronous: generate (every row to its end) then train. Partial: generate `chunk` tokens per row,
-    train the finished groups. Asynchronous + partial: the two overlap, so a step takes the longer one.
+    Synchronous: generate (every row to its end) then train. Partial: admit prompts_per_step groups,
+    generate at most `chunk` tokens per row, train the finished groups. Asynchronous + partial: the two overlap, so a step takes the longer one.
     """
     recipe = load_recipe(recipe_path, [])
     shape, _ = model_shape(recipe)
@@ -92,7 +92,7 @@ def simulate(recipe_path: str, budget: int, chunk: int, steps: int = 200, seed: 
         sync_tokens += sum(lengths)
     flight, part_gen, part_train, async_wall, part_tokens = [], 0.0, 0.0, 0.0, 0
     for _ in range(steps):
-        flight += [[[length(), 0] for _ in range(n)] for _ in range(groups - len(flight))]  # [target, done]
+        flight += [[[length(), 0] for _ in range(n)] for _ in range(groups)]  # [length, decoded] per sample
         decoded = resumed = longest = 0
         for g in flight:
             for s in g:
