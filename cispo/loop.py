@@ -75,10 +75,10 @@ def train(recipe: Recipe) -> dict:
                 with timer("train"):
                     stats = trainers.train(batch, step)                                 # 5. train
                 stats["ppo_zeroed_tokens"] = top_tokens(stats.get("ppo_zeroed_tokens", {}), tok)
-                if pending:  # all of step + 1 is sampled before new weights land: its versions are step - 1
-                    pending.result()
-                with timer("sync"):
-                    trainers.publish(rollout, version=step)                             # 6. sync
+            if pending:  # all of step + 1 is sampled before new weights land: its versions are step - 1
+                pending.result()
+            with timer("sync"):  # every step, trained or not, so that version t is always step t's weights
+                trainers.publish(rollout, version=step)                                 # 6. sync
             evaluated, every = {}, recipe.run.eval_every  # held-out accuracy of the weights just published
             if not stop.requested and (step == recipe.run.max_steps or every and step % every == 0):
                 with timer("eval"):
