@@ -11,7 +11,7 @@ import math
 import statistics
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,7 +22,7 @@ from cispo.sampling import dynamic_sample, has_spread
 from rewards.pool import ScoringPool
 from rewards.types import RewardInput
 from rollout.model import load_tokenizer
-from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
+from rollout.trajectory import Request, RolloutInput, SamplingParams, Trajectory
 from rollout.worker import RolloutPool
 
 
@@ -69,7 +69,10 @@ def passed(group: Group) -> list[bool]:
 
 
 def rollout_metrics(groups: list[Group]) -> dict:
-    """What one draw of scored groups looked like, before dynamic sampling chose."""
+    """What one draw of scored groups looked like, before dynamic sampling chose; empty for no groups
+    (a partial-rollout step in which no group finished)."""
+    if not groups:
+        return {}
     trajectories = [t for g in groups for t in g.trajectories]
     lengths = [len(t.response_ids) for t in trajectories]
     statuses = [t.status for t in trajectories]
@@ -95,11 +98,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 class PendingStep:
     """One RL step's collection, running on the collector's background thread. `result()` waits for it
     and returns (the first draw's groups, the groups to train on, the dynamic-sampling counts), or
-    raises what the collection raised."""
+    raises what the collection raised. `window` and `reason` are the step's budget and why its stage moved
+    on; `timer` times its phases."""
     future: Future
+    window: int
+    reason: str | None
+    timer: Timer
 
     def result(self) -> tuple[list[Group], list[Group], dict]:
         return self.future.result()
+
+
+@dataclass
+class Paused:
+    """A group in flight across steps (partial rollouts): its prompt, the seed of its first request, the
+    step that admitted it, and its n trajectories so far (empty before its first chunk); each finished
+    (`done`) or paused with its tokens, logprobs and versions."""
+    prompt: Prompt
+    seed: int
+    admitted: int
+    trajectories: list[Trajectory]
+
+
+def done(t: Trajectory, budget: int) -> bool:
+    """Whether a sample is finished: it stopped, or reached the budget."""
+    return t.finish_reason != "length" or len(t.response_ids) >= budget
 
 
 class Collector:
@@ -114,6 +137,7 @@ class Collector:
         if isinstance(self.rollout_function, type):  # a class: built once, with what it needs to know
             self.rollout_function = self.rollout_function(recipe, tok)
         self.unscored = 0  # responses pass_rates could not score (reward error, timeout, sandbox error)
+        self.paused: list[Paused] = []  # partial rollouts: groups not finished at the last step, in admission order
         # One thread: submitted steps collect in order, each while the caller does something else.
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
 
@@ -166,7 +190,8 @@ class Collector:
             for i, result in zip(mine, self.scorer.map(reward, inputs)):
                 rows[i][1].reward, rows[i][1].status = result.score, result.status
 
-    def submit(self, step: int, source: PromptSource, max_new_tokens: int, timer: Timer) -> PendingStep:
+    def submit(self, step: int, source: PromptSource, max_new_tokens: int, timer: Timer,
+               reason: str | None = None) -> PendingStep:
         """Start collecting RL step `step`'s groups on the background thread and return at once.
 
         With dynamic sampling (DAPO, M1) groups whose rewards all agree carry no signal; they are
@@ -174,7 +199,9 @@ class Collector:
         pending step's result is ready. Requests are seeded from (run seed, step, draw, index), so a
         resumed run draws what the original would have.
         """
-        return PendingStep(self.background.submit(self._step, step, source, max_new_tokens, timer))
+        collect = self._partial_step if self.recipe.rollout.partial_tokens else self._step
+        return PendingStep(self.background.submit(collect, step, source, max_new_tokens, timer),
+                           max_new_tokens, reason, timer)
 
     def _step(self, step: int, source: PromptSource, max_new_tokens: int,
               timer: Timer) -> tuple[list[Group], list[Group], dict]:
@@ -193,6 +220,54 @@ class Collector:
         kept, counts = dynamic_sample(first, lambda k: draw(k, next(draws)), rewards=lambda g: g.rewards[g.valid],
                                       target=len(first), max_draws=a.max_refill_draws)
         return first, kept, {**counts, "trained_groups": len(kept)}
+
+    def _partial_step(self, step: int, source: PromptSource, budget: int,
+                      timer: Timer) -> tuple[list[Group], list[Group], dict]:
+        """One step of partial rollouts: `prompts_per_step` fresh prompts join the groups in flight (drawn as
+        stream `rl0` of the step, each group seeded as in `_step`), so prompts are used at the synchronous
+        loop's pace and a step trains about as many groups once the pipeline is full (at most
+        ⌈max_new_tokens / partial_tokens⌉ steps' admissions are in flight); every unfinished sample then
+        decodes at most `rollout.partial_tokens` tokens. A paused sample continues from its prompt and
+        tokens so far, re-prefilled under the current weights, as a request of its own seeded from (its
+        group's seed, its length, its index), so what it draws depends on steps and token counts only.
+        Groups whose n samples all finished are scored and returned; dynamic sampling drops those without
+        spread and does not refill."""
+        r, seed = self.recipe.rollout, self.recipe.run.seed
+        params = self.sampling(max_new_tokens=budget)
+        fresh = source.batch(step, self.recipe.data.prompts_per_step, stream="rl0")
+        flight = self.paused + [Paused(p, derive_seed(seed, step, "rl0", j), step, []) for j, p in enumerate(fresh)]
+        requests, owners = [], []  # owners[i]: (group, sample index, or None for a fresh group's n samples)
+        for g in flight:
+            if not g.trajectories:
+                chunk = replace(params, max_new_tokens=min(r.partial_tokens, budget))
+                requests.append(Request(self.encode(g.prompt), r.n_samples, g.seed, chunk))
+                owners.append((g, None))
+            for s, t in enumerate(g.trajectories):
+                if not done(t, budget):
+                    chunk = replace(params, max_new_tokens=min(r.partial_tokens, budget - len(t.response_ids)))
+                    requests.append(Request(t.prompt_ids + t.response_ids, 1,
+                                            derive_seed(g.seed, len(t.response_ids), "resume", s), chunk))
+                    owners.append((g, s))
+        with timer("rollout"):
+            out = iter(self.rollout.generate(requests))
+        for (g, s), request in zip(owners, requests):
+            if s is None:
+                g.trajectories = [next(out) for _ in range(request.n)]
+            else:
+                g.trajectories[s].extend(next(out))
+        over = [all(done(t, budget) for t in g.trajectories) for g in flight]
+        finished = [g for g, f in zip(flight, over) if f]
+        self.paused = [g for g, f in zip(flight, over) if not f]
+        with timer("reward"):
+            self._score([g.prompt for g in finished], [g.trajectories for g in finished])
+        groups = [Group(g.prompt, g.trajectories) for g in finished]
+        kept = ([g for g in groups if has_spread(g.rewards[g.valid])] if self.recipe.algorithm.dynamic_sampling
+                else groups)
+        return groups, kept, {"partial_admitted_groups": len(fresh), "partial_finished_groups": len(finished),
+                              "partial_paused_groups": len(self.paused),
+                              "partial_paused_samples": sum(not done(t, budget) for g in self.paused
+                                                            for t in g.trajectories),
+                              "trained_groups": len(kept)}
 
     def close(self) -> None:
         self.background.shutdown(cancel_futures=True)

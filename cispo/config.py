@@ -116,6 +116,18 @@ class Recipe(Section):
         if w and w[-1] != self.rollout.max_new_tokens:
             raise ValueError(f"stages.windows ends at {w[-1]} but rollout.max_new_tokens is "
                              f"{self.rollout.max_new_tokens}; the last window is the budget")
+        if r.partial_tokens and r.function != type(r).model_fields["function"].default:
+            raise ValueError(f"rollout.partial_tokens needs the default rollout.function (one engine call per "
+                             f"sample, to pause and continue), not {r.function!r}")
+        if r.overlap or r.partial_tokens:
+            # A group admitted at step s is decoded at steps s .. s+C-1 (C = ceil(budget / partial_tokens)),
+            # trained at the step it finishes, from weights `overlap` steps behind: its oldest token is then
+            # C-1+overlap versions old. Admitting only what meets the bound means refusing what cannot.
+            chunks = -(-r.max_new_tokens // r.partial_tokens) if r.partial_tokens else 1
+            if chunks - 1 + r.overlap > r.max_staleness:
+                raise ValueError(f"rollout.max_staleness={r.max_staleness} admits no response: with overlap="
+                                 f"{str(r.overlap).lower()} and partial_tokens={r.partial_tokens}, a response of "
+                                 f"max_new_tokens={r.max_new_tokens} may train {chunks - 1 + r.overlap} versions old")
         return self
 
 

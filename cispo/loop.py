@@ -40,8 +40,9 @@ def train(recipe: Recipe) -> dict:
         stop = StopRequest()
         cleanup.callback(stop.restore)
 
+        pending = None  # a step collected ahead (rollout.overlap), restored from the checkpoint on resume
         if run.resume_from:
-            acc_start, first_step = run.restore(trainers, rollout, log)
+            acc_start, first_step, pending = run.restore(trainers, collector, log)
         else:
             if recipe.sft.steps:
                 warm_start(collector, source, trainers, rollout, stop)
@@ -51,23 +52,33 @@ def train(recipe: Recipe) -> dict:
             acc_start, first_step = collector.evaluate(source.eval), 1
         print(f"eval accuracy before RL: {acc_start:.3f}", flush=True)
         rows = read_metrics(run.path) if run.resume_from else []
+
+        def collect(step: int):  # 1-3. prompts -> rollout -> rewards, on the collector's thread
+            window, reason = (advance(rows, recipe.stages) if recipe.stages.windows
+                              else (recipe.rollout.max_new_tokens, None))
+            return collector.submit(step, source, window, Timer(f"step {step}"), reason)
+
         for step in range(first_step, recipe.run.max_steps + 1):
-            timer = Timer(f"step {step}")
-            max_new_tokens, reason = (advance(rows, recipe.stages) if recipe.stages.windows
-                                      else (recipe.rollout.max_new_tokens, None))
+            began, pending = time.perf_counter(), pending or collect(step)
+            (first, groups, sampling), timer = pending.result(), pending.timer
+            timer.start = began  # a step's wall time runs from the end of the one before, even if it collected during it
+            max_new_tokens, reason, pending = pending.window, pending.reason, None
             if reason:
                 print(f"stage: window -> {max_new_tokens} tokens ({reason})", flush=True)
-            # Synchronous: wait for this step's rollout. Submitting step + 1 before training this one would
-            # overlap them (its samples then come from weights one version older, as their versions record).
-            first, groups, sampling = collector.submit(step, source, max_new_tokens, timer).result()  # 1-3.
+            if recipe.rollout.overlap and step < recipe.run.max_steps:
+                # Asynchronous: step + 1 generates while this step trains, from the weights before it (its
+                # tokens one version older, as their versions record); its stage window sees rows up to step - 1.
+                pending = collect(step + 1)
             stats = {}
             if groups:
                 batch = rl_batch(groups, recipe.algorithm, max_new_tokens, tok.eos_token_id)  # 4. advantages
                 with timer("train"):
                     stats = trainers.train(batch, step)                                 # 5. train
                 stats["ppo_zeroed_tokens"] = top_tokens(stats.get("ppo_zeroed_tokens", {}), tok)
-                with timer("sync"):
-                    trainers.publish(rollout, version=step)                             # 6. sync
+            if pending:  # all of step + 1 is sampled before new weights land: its versions are step - 1
+                pending.result()
+            with timer("sync"):  # every step, trained or not, so that version t is always step t's weights
+                trainers.publish(rollout, version=step)                                 # 6. sync
             evaluated, every = {}, recipe.run.eval_every  # held-out accuracy of the weights just published
             if not stop.requested and (step == recipe.run.max_steps or every and step % every == 0):
                 with timer("eval"):
@@ -77,7 +88,7 @@ def train(recipe: Recipe) -> dict:
                                  **rollout_metrics(first), **sampling, **stats, **evaluated,
                                  "rollout_worker_failures": rollout.failures, **timer.seconds()}))
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
-                run.save(trainers, step, acc_start)
+                run.save(trainers, step, acc_start, collector, pending)
             if stop.requested:
                 print(f"stopped by {stop.requested} after step {step}; resume with run.resume=true", flush=True)
                 return {"interrupted": stop.requested, "steps": step}

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 from cispo import checkpoint
 from cispo.config import Recipe, RecipeError, dump_recipe
 from rewards.pool import signals_left_to_parent
 from rollout.model import save_model, starting_model
+
+ROLLOUTS = "rollouts.pkl"  # in a checkpoint: paused groups and the step collected ahead
 
 
 class RunDir:
@@ -49,22 +53,41 @@ class RunDir:
             save_model(model, tok, model_dir)
         return str(model_dir)
 
-    def save(self, trainers, step: int, eval_accuracy_start: float) -> None:
-        """A checkpoint of every rank and the controller's step (written aside, fsynced, renamed)."""
+    def save(self, trainers, step: int, eval_accuracy_start: float, collector=None, pending=None) -> None:
+        """A checkpoint of every rank and the controller's step (written aside, fsynced, renamed), with
+        what the collector holds across steps: the groups paused mid-response (partial rollouts) and the
+        next step, already collected (rollout.overlap). Prompts are drawn by step, so the step is the data
+        position."""
         staging = checkpoint.staging_dir(self.path, step)
         trainers.save(staging)
+        buffered = pending and (pending.result(), pending.window, pending.reason)  # waits for it to finish
+        if collector is not None and (collector.paused or buffered):
+            (staging / ROLLOUTS).write_bytes(pickle.dumps({"paused": collector.paused, "next_step": buffered}))
         checkpoint.commit(staging, {"step": step, "eval_accuracy_start": eval_accuracy_start},
                           self.recipe.run.keep_last)
 
-    def restore(self, trainers, rollout, log) -> tuple[float, int]:
-        """Every rank restored from `resume_from`, its weights republished, metrics rows logged after it
-        dropped; returns (eval accuracy before RL, the first step to run)."""
+    def restore(self, trainers, collector, log):
+        """Every rank restored from `resume_from`, its weights republished, the collector's paused groups
+        put back, metrics rows logged after it dropped; returns (eval accuracy before RL, the first step
+        to run, that step's collection if the checkpoint holds it, as a finished PendingStep, else None)."""
+        from cispo.collect import PendingStep
+        from cispo.metrics import Timer
+
         state = json.loads((self.resume_from / checkpoint.MARKER).read_text())
         trainers.load(self.resume_from)
-        trainers.publish(rollout, version=state["step"])
+        trainers.publish(collector.rollout, version=state["step"])
         log.truncate(state["step"])
+        pending = None
+        if (self.resume_from / ROLLOUTS).exists():
+            held = pickle.loads((self.resume_from / ROLLOUTS).read_bytes())
+            collector.paused = held["paused"]
+            if held["next_step"]:
+                result, window, reason = held["next_step"]
+                future = Future()
+                future.set_result(result)
+                pending = PendingStep(future, window, reason, Timer(f"step {state['step'] + 1}"))
         print(f"resumed from {self.resume_from} (step {state['step']})", flush=True)
-        return state["eval_accuracy_start"], state["step"] + 1
+        return state["eval_accuracy_start"], state["step"] + 1, pending
 
     def finish(self, trainers, tok, summary: dict) -> None:
         trainers.save_pretrained(self.path / "final")

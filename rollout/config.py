@@ -113,6 +113,15 @@ class RolloutConfig(Section):
                           "directory and sys.path: it turns a draw's prompts into trajectories by calling the engine, "
                           "and marks which tokens train; a class there is built once as Class(recipe, tokenizer) "
                           "and its instance called. cispo.multiturn:Episodes plays multi-turn episodes (env.*)")
+    max_staleness: int = Field(0, ge=0, description="how many weight versions older than the trainer's a "
+                               "sampled token may be when it trains; 0: the synchronous loop. Checked when a "
+                               "request is admitted (cispo.config), never by dropping results")
+    overlap: bool = Field(False, description="asynchronous rollouts: step t+1 generates while step t trains, "
+                          "from the weights before step t (its tokens one version older); needs max_staleness >= 1")
+    partial_tokens: int = Field(0, ge=0, description="partial rollouts: each step decodes at most this many tokens "
+                                "per response; one not finished is paused and continued next step under the new "
+                                "weights (prompt + its tokens re-prefilled), and a step trains only finished "
+                                "groups. 0: a response finishes within its step")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
                                                    "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 

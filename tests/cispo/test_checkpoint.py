@@ -51,6 +51,17 @@ def _comparable(row):
     return {k: v for k, v in row.items() if not k.startswith("time_")}
 
 
+def sigkill_at_checkpoint(run: subprocess.Popen, run_dir, step: int, timeout_s: float = 600) -> None:
+    """SIGKILL `run` as soon as its checkpoint of `step` is committed."""
+    ckpt = run_dir / "ckpt" / f"step-{step:06d}"
+    deadline = time.monotonic() + timeout_s
+    while not (ckpt / checkpoint.MARKER).exists():
+        assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+
 # The hardest layout: two ranks whose ZeRO-3 partitions each checkpoint and restore their own share.
 RANKS = ["trainer.num_ranks=2", "trainer.zero_stage=3", "trainer.micro_batch_tokens=64"]
 
@@ -61,14 +72,8 @@ def test_sigkilled_run_resumes_to_identical_metrics(ray_session, tmp_path):
     out, _ = whole.communicate(timeout=600)
     assert whole.returncode == 0, out
 
-    killed = _cli(tmp_path / "killed", "run.max_steps=8", *RANKS, ray_address=address)
-    ckpt = tmp_path / "killed" / "ckpt" / "step-000002"
-    deadline = time.monotonic() + 600
-    while not (ckpt / checkpoint.MARKER).exists():
-        assert killed.poll() is None and time.monotonic() < deadline, killed.stdout.read()
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_at_checkpoint(_cli(tmp_path / "killed", "run.max_steps=8", *RANKS, ray_address=address),
+                          tmp_path / "killed", step=2)
 
     resumed = _cli(tmp_path / "killed", "run.max_steps=8", "run.resume=true", *RANKS, ray_address=address)
     out, _ = resumed.communicate(timeout=600)
