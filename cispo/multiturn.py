@@ -10,6 +10,9 @@ it and refuses a template that breaks it, by the tokenizer's name.
 
 A turn that calls a tool (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the Hermes/Qwen
 format) gets the tools' outputs as `tool` messages; any other turn goes to the environment's `step`.
+Each episode is an engine session (`Request.session`): the engine keeps its state between turns, so a
+turn prefills only the tokens inserted since the last one; `episode_state_kept` and
+`episode_state_reprefill` count the later turns that did and did not find it kept.
 Budgets (M1 §4's agentic RL): rollout.max_new_tokens across the episode, env.max_turn_tokens per turn,
 env.max_turns, env.tool_timeout_s per tool call (CPU time, in the code sandbox).
 """
@@ -139,7 +142,7 @@ TOOLS = {"python": python_tool}
 
 
 def _counts() -> dict[str, int]:
-    return {"turns": 0, "turn_cap": 0, **{f"end_{e}": 0 for e in ENDS}, **{f"tool_{o}": 0 for o in TOOL_OUTCOMES}}
+    return {"turns": 0, "turn_cap": 0, "state_kept": 0, "state_reprefill": 0, **{f"end_{e}": 0 for e in ENDS}, **{f"tool_{o}": 0 for o in TOOL_OUTCOMES}}
 
 
 @dataclass
@@ -222,7 +225,7 @@ class Episodes:
     def _request(self, x: RolloutInput, e: _Episode, turn: int) -> Request:
         cap = min(self.cfg.max_turn_tokens, x.params.max_new_tokens - e.used())
         params = replace(x.params, max_new_tokens=cap, stop_token_ids=tuple(self.template.end[:1]))
-        return Request(e.ids(), n=1, seed=derive_seed(e.seed, turn, "turn"), params=params)
+        return Request(e.ids(), n=1, seed=derive_seed(e.seed, turn, "turn"), params=params, session=e.seed)
 
     def _play(self, x: RolloutInput, e: _Episode, turn: Trajectory, last: bool) -> None:
         """Add the model's turn to the episode, then what answers it (tools or the environment), or end it."""
@@ -230,6 +233,10 @@ class Episodes:
             e.trajectory = turn
         else:
             e.trajectory.extend(turn)
+            # A later turn whose engine kept no state for it (evicted, another worker) re-prefilled the history.
+            kept = turn.outcomes.get("state_kept")
+            e.outcomes["state_kept"] += kept == 1
+            e.outcomes["state_reprefill"] += kept == 0
         e.outcomes["turns"] += 1
         sampled = turn.response_ids
         text = self.tok.decode(sampled[:-1] if sampled[-1:] == self.template.end[:1] else sampled)

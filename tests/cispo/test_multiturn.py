@@ -110,6 +110,8 @@ def test_turns_keep_the_sampled_tokens_and_only_they_train(chat_model_dir):
     for x, group in zip(inputs, out):
         for t in group:
             assert t.status == "ok" and t.outcomes["turns"] == 3 and t.outcomes["end_max_turns"] == 1
+            # Turns 2 and 3 prefilled only their new tokens, from the state the engine kept.
+            assert t.outcomes["state_kept"] == 2 and t.outcomes["state_reprefill"] == 0
             assert tok.decode(t.prompt_ids) == f"<|im_start|>user\nGuess {x.text}<|im_end|>\n<|im_start|>assistant\n"
             # The response is each turn's sampled ids, as the engine returned them, between inserted ids.
             runs = _segments(t)
