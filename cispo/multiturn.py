@@ -129,7 +129,33 @@ def python_tool(arguments: dict, cfg: EnvConfig, min_isolation: str) -> tuple[st
     code = arguments.get("code")
     if not isinstance(code, str) or set(arguments) != {"code"}:
         return 'error: the python tool takes {"code": str}', "malformed"
-    result = sandbox.run(code, timeout_s=cfg.tool_timeout_s, memory_mb=cfg.tool_memory_mb, min_isolation=min_isolation)
+    return _observed(sandbox.run(code, timeout_s=cfg.tool_timeout_s, memory_mb=cfg.tool_memory_mb,
+                                 min_isolation=min_isolation), cfg)
+
+
+# The sandbox runs Python programs; this one hands the command (its stdin) to /bin/sh, whose processes
+# inherit every limit of the level (CPU time per process, memory, output, process count, no network). A
+# shell killed by a signal kills this program with it, so that the sandbox reads SIGXCPU as a timeout.
+_SHELL = """import os, signal, subprocess, sys
+code = subprocess.run(["/bin/sh", "-c", sys.stdin.read()]).returncode
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+def shell_tool(arguments: dict, cfg: EnvConfig, min_isolation: str) -> tuple[str, str]:
+    """Run the call's `command` with /bin/sh in the code sandbox, at the same level and limits as the python
+    tool: (what the model sees, outcome)."""
+    command = arguments.get("command")
+    if not isinstance(command, str) or set(arguments) != {"command"}:
+        return 'error: the shell tool takes {"command": str}', "malformed"
+    return _observed(sandbox.run(_SHELL, command, timeout_s=cfg.tool_timeout_s, memory_mb=cfg.tool_memory_mb,
+                                 min_isolation=min_isolation), cfg)
+
+
+def _observed(result: sandbox.SandboxResult, cfg: EnvConfig) -> tuple[str, str]:
     if result.status == "ok":
         return result.stdout, "ok"
     note = {"timeout": f"error: the tool ran past its {cfg.tool_timeout_s:g} s limit",
@@ -138,7 +164,7 @@ def python_tool(arguments: dict, cfg: EnvConfig, min_isolation: str) -> tuple[st
     return "\n".join(part.rstrip("\n") for part in (result.stdout, result.stderr, note) if part), result.status
 
 
-TOOLS = {"python": python_tool}
+TOOLS = {"python": python_tool, "shell": shell_tool}
 
 
 def _counts() -> dict[str, int]:

@@ -170,7 +170,7 @@ def _call(name, **arguments):
 
 
 BAD_TURNS = [("<tool_call>{\"name\": \"python\"</tool_call>", "malformed", "error: a tool call is not JSON"),
-             (_call("shell", cmd="ls"), "unknown", "error: unknown tool 'shell'; tools: python"),
+             (_call("browser", url="x"), "unknown", "error: unknown tool 'browser'; tools: python"),
              (_call("python", code="raise ValueError('boom')"), "error", "ValueError: boom"),
              (_call("python", code="while True: pass"), "timeout", "error: the tool ran past its 1 s limit"),
              (_call("python", code="print('x' * 10_000_000)"), "error", "[output cut: "),
@@ -192,6 +192,31 @@ def test_bad_tool_calls_are_observations_for_the_model_and_counted(chat_model_di
         assert reply.startswith("\n<|im_start|>tool\n") and says in reply
     assert max(map(len, replies)) < 400  # 10 MB printed, 300 characters and a note shown
     expected = {"malformed": 1, "unknown": 1, "error": 2, "timeout": 1, "ok": 1, "truncated": 1, "sandbox_error": 0}
+    assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected
+
+
+SHELL_TURNS = [(_call("shell", command="echo $((6 * 7)); cat"), "ok", "42\n"),
+               (_call("shell", command="echo oops >&2; exit 3"), "error", "oops\nerror: exit code 3"),
+               (_call("shell", cmd="ls"), "malformed", 'error: the shell tool takes {"command": str}'),
+               (_call("shell", command="while :; do :; done"), "timeout", "error: the tool ran past its 1 s limit"),
+               (_call("shell", command="yes | head -c 10000000"), "error", "[output cut: "),
+               (_call("python", code="print(1)"), "unknown", "error: unknown tool 'python'; tools: shell")]
+
+
+def test_the_shell_tool_runs_in_the_sandbox_and_its_failures_are_observations(chat_model_dir):
+    tok = load_tokenizer(chat_model_dir)
+    recipe = _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[shell]",
+                     "env.max_turns=8", "env.tool_timeout_s=1", "env.max_observation_chars=300")
+    inputs, _ = _inputs(tok, SamplingParams(max_new_tokens=4000), n=1)
+    inputs[0].answer = "42"
+    out = Episodes(recipe, tok)(inputs[:1], Scripted(tok, [text for text, _, _ in SHELL_TURNS] + ["It is 42."]))
+    t = out[0][0]
+    assert t.status == "ok" and t.reward == 1.0 and t.outcomes["turns"] == 7
+    replies = [tok.decode(ids) for m, ids in _segments(t) if not m]
+    for reply, (_, _, says) in zip(replies, SHELL_TURNS, strict=True):
+        assert reply.startswith("\n<|im_start|>tool\n") and says in reply, (reply, says)
+    assert max(map(len, replies)) < 400
+    expected = {"ok": 1, "error": 2, "malformed": 1, "timeout": 1, "unknown": 1, "truncated": 1}
     assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected
 
 
@@ -233,8 +258,9 @@ def test_an_environment_that_cannot_load_is_one_line_naming_the_key(chat_model_d
         with pytest.raises(RecipeError) as err:
             Collector(_recipe(chat_model_dir, override), tok, None, None)
         assert str(err.value).startswith(f"{where}: ") and why in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(RecipeError, match="command line: key 'env.tools.0' = 'shell': Input should be 'python'"):
-        _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[shell]")
+    with pytest.raises(RecipeError, match="command line: key 'env.tools.0' = 'browser': Input should be 'python' or "
+                                          "'shell'"):
+        _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[browser]")
 
 
 @pytest.mark.slow  # 170-205 s on this loaded 2-core machine
