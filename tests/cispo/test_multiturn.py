@@ -177,24 +177,6 @@ BAD_TURNS = [("<tool_call>{\"name\": \"python\"</tool_call>", "malformed", "erro
              (_call("python", code="print(6 * 7)"), "ok", "42\n")]
 
 
-def test_bad_tool_calls_are_observations_for_the_model_and_counted(chat_model_dir):
-    tok = load_tokenizer(chat_model_dir)
-    recipe = _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[python]",
-                     "env.max_turns=8", "env.tool_timeout_s=1", "env.max_observation_chars=300")
-    inputs, _ = _inputs(tok, SamplingParams(max_new_tokens=4000), n=1)
-    inputs[0].answer = "42"
-    out = Episodes(recipe, tok)(inputs[:1], Scripted(tok, [text for text, _, _ in BAD_TURNS] + ["It is 42."]))
-    t = out[0][0]
-    assert t.status == "ok" and t.reward == 1.0 and t.outcomes["end_done"] == 1 and t.outcomes["turns"] == 7
-    replies = [tok.decode(ids) for m, ids in _segments(t) if not m]
-    assert len(replies) == 6
-    for reply, (_, _, says) in zip(replies, BAD_TURNS):
-        assert reply.startswith("\n<|im_start|>tool\n") and says in reply
-    assert max(map(len, replies)) < 400  # 10 MB printed, 300 characters and a note shown
-    expected = {"malformed": 1, "unknown": 1, "error": 2, "timeout": 1, "ok": 1, "truncated": 1, "sandbox_error": 0}
-    assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected
-
-
 SHELL_TURNS = [(_call("shell", command="echo $((6 * 7)); cat"), "ok", "42\n"),
                (_call("shell", command="echo oops >&2; exit 3"), "error", "oops\nerror: exit code 3"),
                (_call("shell", cmd="ls"), "malformed", 'error: the shell tool takes {"command": str}'),
@@ -203,21 +185,23 @@ SHELL_TURNS = [(_call("shell", command="echo $((6 * 7)); cat"), "ok", "42\n"),
                (_call("python", code="print(1)"), "unknown", "error: unknown tool 'python'; tools: shell")]
 
 
-def test_the_shell_tool_runs_in_the_sandbox_and_its_failures_are_observations(chat_model_dir):
+@pytest.mark.parametrize("tool, turns", [("python", BAD_TURNS), ("shell", SHELL_TURNS)])
+def test_bad_tool_calls_are_observations_for_the_model_and_counted(chat_model_dir, tool, turns):
     tok = load_tokenizer(chat_model_dir)
-    recipe = _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[shell]",
+    recipe = _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", f"env.tools=[{tool}]",
                      "env.max_turns=8", "env.tool_timeout_s=1", "env.max_observation_chars=300")
     inputs, _ = _inputs(tok, SamplingParams(max_new_tokens=4000), n=1)
     inputs[0].answer = "42"
-    out = Episodes(recipe, tok)(inputs[:1], Scripted(tok, [text for text, _, _ in SHELL_TURNS] + ["It is 42."]))
+    out = Episodes(recipe, tok)(inputs[:1], Scripted(tok, [text for text, _, _ in turns] + ["It is 42."]))
     t = out[0][0]
-    assert t.status == "ok" and t.reward == 1.0 and t.outcomes["turns"] == 7
+    assert t.status == "ok" and t.reward == 1.0 and t.outcomes["end_done"] == 1 and t.outcomes["turns"] == 7
     replies = [tok.decode(ids) for m, ids in _segments(t) if not m]
-    for reply, (_, _, says) in zip(replies, SHELL_TURNS, strict=True):
+    for reply, (_, _, says) in zip(replies, turns, strict=True):
         assert reply.startswith("\n<|im_start|>tool\n") and says in reply, (reply, says)
-    assert max(map(len, replies)) < 400
-    expected = {"ok": 1, "error": 2, "malformed": 1, "timeout": 1, "unknown": 1, "truncated": 1}
-    assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected
+    assert max(map(len, replies)) < 400  # 10 MB printed, 300 characters and a note shown
+    expected = {o: sum(outcome == o for _, outcome, _ in turns) for o in ("malformed", "unknown", "error", "timeout",
+                                                                          "ok", "sandbox_error")}
+    assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected and t.outcomes["tool_truncated"] == 1
 
 
 def test_tool_calls_are_parsed_or_refused_with_a_reason():
