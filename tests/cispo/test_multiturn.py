@@ -17,14 +17,12 @@ from cispo.metrics import read_metrics
 from cispo.multiturn import ChatTemplate, Episodes, tool_calls
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
-from rollout.model import build_char_tokenizer, load_model, load_tokenizer
+from rollout.model import CHATML, build_char_tokenizer, load_model, load_tokenizer
 from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
 from tests.conftest import REPO, save_tiny_model
 from tests.rollout.reference import teacher_forced
 
 RECIPE = REPO / "recipes/tiny-arith.yaml"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # Like Qwen3's: an assistant turn before the last user message loses its <think> part, so adding a user
 # message re-renders an earlier turn.
 DROPS_THINKING = (
