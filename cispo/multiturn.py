@@ -10,6 +10,9 @@ it and refuses a template that breaks it, by the tokenizer's name.
 
 A turn that calls a tool (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the Hermes/Qwen
 format) gets the tools' outputs as `tool` messages; any other turn goes to the environment's `step`.
+Each episode is an engine session (`Request.session`): the engine keeps its state between turns, so a
+turn prefills only the tokens inserted since the last one; `episode_state_kept` and
+`episode_state_reprefill` count the later turns that did and did not find it kept.
 Budgets (M1 §4's agentic RL): rollout.max_new_tokens across the episode, env.max_turn_tokens per turn,
 env.max_turns, env.tool_timeout_s per tool call (CPU time, in the code sandbox).
 """
@@ -126,7 +129,33 @@ def python_tool(arguments: dict, cfg: EnvConfig, min_isolation: str) -> tuple[st
     code = arguments.get("code")
     if not isinstance(code, str) or set(arguments) != {"code"}:
         return 'error: the python tool takes {"code": str}', "malformed"
-    result = sandbox.run(code, timeout_s=cfg.tool_timeout_s, memory_mb=cfg.tool_memory_mb, min_isolation=min_isolation)
+    return _observed(sandbox.run(code, timeout_s=cfg.tool_timeout_s, memory_mb=cfg.tool_memory_mb,
+                                 min_isolation=min_isolation), cfg)
+
+
+# The sandbox runs Python programs; this one hands the command (its stdin) to /bin/sh, whose processes
+# inherit every limit of the level (CPU time per process, memory, output, process count, no network). A
+# shell killed by a signal kills this program with it, so that the sandbox reads SIGXCPU as a timeout.
+_SHELL = """import os, signal, subprocess, sys
+code = subprocess.run(["/bin/sh", "-c", sys.stdin.read()]).returncode
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+def shell_tool(arguments: dict, cfg: EnvConfig, min_isolation: str) -> tuple[str, str]:
+    """Run the call's `command` with /bin/sh in the code sandbox, at the same level and limits as the python
+    tool: (what the model sees, outcome)."""
+    command = arguments.get("command")
+    if not isinstance(command, str) or set(arguments) != {"command"}:
+        return 'error: the shell tool takes {"command": str}', "malformed"
+    return _observed(sandbox.run(_SHELL, command, timeout_s=cfg.tool_timeout_s, memory_mb=cfg.tool_memory_mb,
+                                 min_isolation=min_isolation), cfg)
+
+
+def _observed(result: sandbox.SandboxResult, cfg: EnvConfig) -> tuple[str, str]:
     if result.status == "ok":
         return result.stdout, "ok"
     note = {"timeout": f"error: the tool ran past its {cfg.tool_timeout_s:g} s limit",
@@ -135,11 +164,11 @@ def python_tool(arguments: dict, cfg: EnvConfig, min_isolation: str) -> tuple[st
     return "\n".join(part.rstrip("\n") for part in (result.stdout, result.stderr, note) if part), result.status
 
 
-TOOLS = {"python": python_tool}
+TOOLS = {"python": python_tool, "shell": shell_tool}
 
 
 def _counts() -> dict[str, int]:
-    return {"turns": 0, "turn_cap": 0, **{f"end_{e}": 0 for e in ENDS}, **{f"tool_{o}": 0 for o in TOOL_OUTCOMES}}
+    return {"turns": 0, "turn_cap": 0, "state_kept": 0, "state_reprefill": 0, **{f"end_{e}": 0 for e in ENDS}, **{f"tool_{o}": 0 for o in TOOL_OUTCOMES}}
 
 
 @dataclass
@@ -222,7 +251,7 @@ class Episodes:
     def _request(self, x: RolloutInput, e: _Episode, turn: int) -> Request:
         cap = min(self.cfg.max_turn_tokens, x.params.max_new_tokens - e.used())
         params = replace(x.params, max_new_tokens=cap, stop_token_ids=tuple(self.template.end[:1]))
-        return Request(e.ids(), n=1, seed=derive_seed(e.seed, turn, "turn"), params=params)
+        return Request(e.ids(), n=1, seed=derive_seed(e.seed, turn, "turn"), params=params, session=e.seed)
 
     def _play(self, x: RolloutInput, e: _Episode, turn: Trajectory, last: bool) -> None:
         """Add the model's turn to the episode, then what answers it (tools or the environment), or end it."""
@@ -230,6 +259,10 @@ class Episodes:
             e.trajectory = turn
         else:
             e.trajectory.extend(turn)
+            # A later turn whose engine kept no state for it (evicted, another worker) re-prefilled the history.
+            kept = turn.outcomes.get("state_kept")
+            e.outcomes["state_kept"] += kept == 1
+            e.outcomes["state_reprefill"] += kept == 0
         e.outcomes["turns"] += 1
         sampled = turn.response_ids
         text = self.tok.decode(sampled[:-1] if sampled[-1:] == self.template.end[:1] else sampled)

@@ -224,10 +224,11 @@ class EnvConfig(Section):
     name: str | None = Field(None, description="the environment class, 'module:Class' (cispo.env): a subclass of "
                              "cispo.env.Environment, or a Gymnasium-style text environment; imported from the working "
                              "directory, the recipe's directory and sys.path")
-    tools: list[Literal["python"]] = Field(default_factory=list, description="tools the model may call with "
-                                           "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>: python runs "
-                                           "its 'code' argument in the code sandbox (at reward.min_isolation); its "
-                                           "output is the next turn's observation")
+    tools: list[Literal["python", "shell"]] = Field(default_factory=list, description="tools the model may call "
+                                                    "with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>: "
+                                                    "python runs its 'code' argument, shell its 'command' with /bin/sh, "
+                                                    "both in the code sandbox (at reward.min_isolation, with env.tool_* "
+                                                    "limits); the output is the next turn's observation")
     max_turns: int = Field(4, ge=1, description="most model turns per episode")
     max_turn_tokens: int = Field(256, ge=1, description="most tokens one model turn samples")
     tool_timeout_s: float = Field(5.0, gt=0, description="CPU seconds one tool call may run")

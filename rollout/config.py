@@ -104,6 +104,9 @@ class RolloutConfig(Section):
     repetition_prob: float = Field(0.99, gt=0, le=1, description="what 'confident' means for the repetition stop")
     max_batch_rows: int = Field(256, ge=1, description="sequences one worker decodes together; queued requests "
                                 "join as rows finish")
+    max_kept_sessions: int = Field(256, ge=0, description="sessions (multi-turn episodes) whose state a worker "
+                                   "keeps between their turns, so a turn prefills only its new tokens; past this "
+                                   "the least recently kept is evicted and its next turn re-prefills (0: keep none)")
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")
     engine: Literal["cispo", "hf"] = Field("cispo", description="the decode engine a worker runs "
                                            "(rollout.worker.ENGINES): cispo (ours: continuous "

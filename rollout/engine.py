@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rollout.config import RolloutConfig
 from rollout.kernels import use_fla_lightning
 from rollout.model import head_logits, new_cache, use_decode_attention
-from rollout.states import StateCache
+from rollout.states import KeptStates, StateCache
 from rollout.sampling import sample, seed_key, uniforms
 from rollout.trajectory import Request, SamplingParams, Trajectory
 
@@ -121,9 +121,37 @@ def _prefill(model, requests: list[Request], samples: list[list[_Sample]], pad_i
         ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
         mask[i, width - len(r.prompt_ids):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    cache = new_cache(model)
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                      cache=cache, use_cache=True)
+    return _forward(model, requests, samples, new_cache(model), ids, mask, (mask.cumsum(1) - 1).clamp(min=0), stops,
+                    head_dtype)
+
+
+def _resume(model, requests: list[Request], samples: list[list[_Sample]], kept: list[tuple[list[int], StateCache]],
+            stops: int, head_dtype: torch.dtype) -> _Batch:
+    """Prefill only what follows each request's kept state: its prompt past the kept tokens, the same
+    length L in every request here. The kept one-row caches are joined (softmax KV left-padded to a
+    common length); the L new tokens are never padded, since a padded token would still decay a linear
+    layer's state."""
+    device = model.lm_head.weight.device
+    cache, mask = None, None
+    for tokens, row in kept:
+        ones = torch.ones((1, len(tokens)), dtype=torch.long, device=device)
+        if cache is None:
+            cache, mask = row, ones
+        else:
+            pad_old, pad_new = cache.extend(row)
+            mask = torch.cat([F.pad(mask, (pad_old, 0)), F.pad(ones, (pad_new, 0))])
+    ids = torch.tensor([r.prompt_ids[len(tokens):] for r, (tokens, _) in zip(requests, kept)], device=device)
+    positions = mask.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=device)
+    return _forward(model, requests, samples, cache, ids, torch.cat([mask, torch.ones_like(ids)], 1), positions,
+                    stops, head_dtype)
+
+
+def _forward(model, requests, samples, cache: StateCache, ids: torch.Tensor, mask: torch.Tensor,
+             positions: torch.Tensor, stops: int, head_dtype: torch.dtype) -> _Batch:
+    """Run `ids` [requests, L] through the model on `cache` (mask [requests, cache length + L]), then fork
+    each request's row to its samples: the new rows of a batch."""
+    device = ids.device
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     rows = torch.repeat_interleave(torch.arange(len(requests), device=device),
                                    torch.tensor([r.n for r in requests], device=device))
     cache.select(rows)
@@ -197,9 +225,42 @@ def _admit(queue: deque, requests: list[Request], live: int, max_batch_rows: int
     return taken
 
 
+def _admit_rows(model, batch: _Batch | None, joining: list[int], requests: list[Request], samples, pad_id: int,
+                stops: int, head_dtype, kept: KeptStates | None, resumed: set[int]) -> _Batch:
+    """Prefill the joining requests into the batch: those with a kept session state from it (grouped by
+    how many new tokens they have), the others whole. Adds the resumed ones to `resumed`."""
+    states = {q: kept.take(requests[q].session, requests[q].prompt_ids) for q in joining} if kept else {}
+    groups: dict[int, list[int]] = {}
+    for q in (q for q in joining if states.get(q)):
+        groups.setdefault(len(requests[q].prompt_ids) - len(states[q][0]), []).append(q)
+    fresh = [q for q in joining if not states.get(q)]
+    parts = [(fresh, None)] if fresh else []
+    for qs in groups.values():
+        parts.append((qs, [states[q] for q in qs]))
+        resumed.update(qs)
+    for qs, rows in parts:
+        reqs, smps = [requests[q] for q in qs], [samples[q] for q in qs]
+        new = (_prefill(model, reqs, smps, pad_id, stops, head_dtype) if rows is None
+               else _resume(model, reqs, smps, rows, stops, head_dtype))
+        batch = _join(batch, new)
+    return batch
+
+
+def _keep_finished(batch: _Batch, requests: list[Request], kept: KeptStates) -> None:
+    """Keep the state of each row that just finished and whose request names a session. It holds the
+    prompt and every sampled token but the last (never fed to the model), without the row's padding."""
+    for i, s in enumerate(batch.samples):
+        session = requests[s.q].session
+        if s.finish and session is not None:
+            drop = batch.mask.shape[1] - int(batch.mask[i].sum())
+            row = torch.tensor([i], device=batch.mask.device)
+            kept.keep(session, requests[s.q].prompt_ids + s.tokens[:-1], batch.cache.take(row, drop))
+
+
 @torch.no_grad()
 def generate(model, requests: list[Request], pad_id: int, weight_version: int = 0,
-             max_batch_rows: int = 256, decode=None, head_dtype: torch.dtype = torch.float32) -> list[Trajectory]:
+             max_batch_rows: int = 256, decode=None, head_dtype: torch.dtype = torch.float32,
+             kept: KeptStates | None = None) -> list[Trajectory]:
     """Generate every request's n samples; returns trajectories in request order, then sample order,
     each token tagged `weight_version`.
 
@@ -207,29 +268,40 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
     since they share one prefill); queued requests join as rows finish. Sample s of a request with
     seed x draws its token at response position t from Philox(x; t, s) (rollout.sampling), so its
     output does not depend on the batch. The LM head runs in fp32 (M1 §3.2); `head_dtype=torch.bfloat16`
-    is the pre-fix head, for experiments/fp32_head.py. Raises ValueError if a request has stop strings
-    and no `decode` (token ids -> text) is given.
+    is the pre-fix head, for experiments/fp32_head.py.
+
+    With `kept`, a request that names a session keeps its state there when it finishes, and one whose
+    prompt extends its session's kept tokens prefills only the rest; its trajectory's
+    `outcomes["state_kept"]` is 1 then, 0 when it prefilled its whole prompt. Raises ValueError if a
+    request has stop strings and no `decode` (token ids -> text) is given, or names a session with n != 1.
     """
     if decode is None and any(r.params.stop_strings for r in requests):
         raise ValueError("stop_strings need generate(..., decode=tokenizer.decode)")
+    for q, r in enumerate(requests):
+        if r.session is not None and r.n != 1:
+            raise ValueError(f"request {q} names session {r.session} with n={r.n}; a session is one sequence (n=1)")
     samples = [[_Sample(q, s, r.params) for s in range(r.n)] for q, r in enumerate(requests)]
     stops = max([len(r.params.stop_token_ids) for r in requests], default=0)
-    queue, batch = deque(range(len(requests))), None
+    queue, batch, resumed = deque(range(len(requests))), None, set()
     while queue or batch:
         joining = _admit(queue, requests, len(batch.samples) if batch else 0, max_batch_rows)
         if joining:
-            new = _prefill(model, [requests[q] for q in joining], [samples[q] for q in joining], pad_id, stops,
-                           head_dtype)
-            batch = _join(batch, new)
+            batch = _admit_rows(model, batch, joining, requests, samples, pad_id, stops, head_dtype, kept, resumed)
         tokens, keep = _step(batch, decode)
+        if kept is not None:
+            _keep_finished(batch, requests, kept)
         batch = _leave(batch, keep)
         if batch:
             batch.mask = F.pad(batch.mask, (0, 1), value=1)
             batch.logits = decode_step(model, batch.cache, batch.mask, batch.next_pos,
                                        tokens[torch.tensor(keep, device=tokens.device)], head_dtype)
             batch.next_pos = batch.next_pos + 1
-    return [Trajectory.sampled(requests[s.q].prompt_ids, s.tokens, s.logprobs, s.finish, weight_version)
-            for group in samples for s in group]
+    out = [Trajectory.sampled(requests[s.q].prompt_ids, s.tokens, s.logprobs, s.finish, weight_version)
+           for group in samples for s in group]
+    for t, s in zip(out, (s for group in samples for s in group)):
+        if requests[s.q].session is not None:
+            t.outcomes["state_kept"] = int(s.q in resumed)
+    return out
 
 
 class Engine:
@@ -270,6 +342,7 @@ class CispoEngine(Engine):
         super().__init__(model, config, pad_id, tokenizer)
         use_decode_attention(self.model)
         self.head_dtype = head_dtype
+        self.kept = KeptStates(config.max_kept_sessions)
         self.model.lm_head.to(head_dtype)  # its weights then arrive from load_weights in this dtype too
         if getattr(self.model.config, "_experts_implementation", None) == "eager":
             # One grouped GEMM per projection instead of a Python loop over experts with a host sync
@@ -284,7 +357,12 @@ class CispoEngine(Engine):
 
     def generate(self, requests: list[Request]) -> list[Trajectory]:
         return generate(self.model, requests, self.pad_id, self.version, self.config.max_batch_rows,
-                        decode=self._text if self.tokenizer is not None else None, head_dtype=self.head_dtype)
+                        decode=self._text if self.tokenizer is not None else None, head_dtype=self.head_dtype,
+                        kept=self.kept if self.config.max_kept_sessions else None)
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        super().load_weights(state_dict, version)
+        self.kept.clear()  # computed by the old weights
 
     def _text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

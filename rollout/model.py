@@ -144,14 +144,24 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
                                    eos_token="<eos>", unk_token="<unk>", padding_side="left")
 
 
+# ChatML, for a fresh character tokenizer asked to speak chat (model.chat_template): its turn markers
+# are single special tokens, and it only appends, as multi-turn episodes need (cispo.multiturn).
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def starting_model(cfg) -> tuple:
     """(model, tokenizer) a recipe's `model` section asks for: an HF directory, or a fresh preset
-    with the offline character tokenizer, seeded by `cfg.seed`."""
+    with the offline character tokenizer (with ChatML's markers and template when `cfg.chat_template`),
+    seeded by `cfg.seed`."""
     if cfg.path:
         if not Path(cfg.path).is_dir():
             raise FileNotFoundError(f"model.path {cfg.path} is not a directory")
         return load_model(cfg.path), load_tokenizer(cfg.path)
     tok = build_char_tokenizer(cfg.alphabet)
+    if cfg.chat_template:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = CHATML
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, **cfg.overrides)

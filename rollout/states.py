@@ -10,8 +10,12 @@ Both are transformers cache layers, so the models read and write them through th
 a fresh cache is prefilled once (left-padded), then `select` forks each prompt's row to its n samples
 and drops finished rows, and `extend` admits newly prefilled rows beside running ones. Rows are
 sequences; softmax rows are left-padded to one length, recurrent rows need no padding.
+`KeptStates` holds sessions' one-row caches between their turns (multi-turn episodes).
 """
 from __future__ import annotations
+
+import copy
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +105,16 @@ class StateCache(DynamicCache):
         for slot in self.slots():
             slot.select(rows, drop_left)
 
+    def take(self, rows: torch.Tensor, drop_left: int = 0) -> StateCache:
+        """A new cache of the same class holding copies of batch `rows`' states, without their first
+        `drop_left` softmax positions; this cache is unchanged."""
+        new = copy.copy(self)
+        new.layers = [copy.copy(slot) for slot in self.layers]
+        for slot in new.slots():  # the recurrent slots' per-state dicts are shared by a shallow copy
+            slot.__dict__.update({k: dict(v) for k, v in vars(slot).items() if isinstance(v, dict)})
+        new.select(rows, drop_left)
+        return new
+
     def extend(self, other: StateCache) -> tuple[int, int]:
         """Append `other`'s rows after ours. The shorter side's KV is left-padded so that both end at
         the same position; returns the padding added to (ours, theirs), for the attention masks."""
@@ -112,3 +126,36 @@ class StateCache(DynamicCache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.select(indices)
+
+
+class KeptStates:
+    """Sessions' states kept between their turns: session id -> (the tokens whose state it is, a one-row
+    `StateCache` without padding). A session's next request that starts with those tokens prefills only
+    what follows them (rollout.engine).
+
+    At most `limit` sessions are kept; keeping one more evicts the least recently kept, counted in
+    `evictions` (that session's next turn re-prefills its whole history). `limit` 0 keeps none.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.evictions = limit, 0
+        self.states: OrderedDict[int, tuple[list[int], StateCache]] = OrderedDict()
+
+    def keep(self, session: int, tokens: list[int], cache: StateCache) -> None:
+        self.states.pop(session, None)
+        self.states[session] = (tokens, cache)
+        while len(self.states) > self.limit:
+            self.states.popitem(last=False)
+            self.evictions += 1
+
+    def take(self, session: int | None, prompt_ids: list[int]) -> tuple[list[int], StateCache] | None:
+        """The session's kept (tokens, cache), removed from the store, when `prompt_ids` extends those tokens
+        by at least one; None otherwise (nothing kept, or a history that differs: then it is dropped)."""
+        kept = self.states.pop(session, None) if session is not None else None
+        if kept and len(kept[0]) < len(prompt_ids) and prompt_ids[:len(kept[0])] == kept[0]:
+            return kept
+        return None
+
+    def clear(self) -> None:
+        """Forget every session (new weights: kept states were computed by the old ones)."""
+        self.states.clear()

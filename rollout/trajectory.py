@@ -28,11 +28,16 @@ class SamplingParams:
 
 @dataclass
 class Request:
-    """n samples of one prompt; sample s draws its token at response position t from Philox(seed; t, s)."""
+    """n samples of one prompt; sample s draws its token at response position t from Philox(seed; t, s).
+
+    `session` names a sequence that comes back (a multi-turn episode, n=1): an engine that keeps state
+    (rollout.engine) keeps the session's state after this request, and its next request, whose prompt
+    extends this one's tokens, prefills only the new tokens. The output does not depend on it."""
     prompt_ids: list[int]
     n: int = 1
     seed: int = 0
     params: SamplingParams = field(default_factory=SamplingParams)
+    session: int | None = None
 
 
 @dataclass

@@ -62,12 +62,14 @@ def balance(requests: list[Request], workers: int) -> list[list[int]]:
     """Request indices per worker, longest work first onto the least-loaded worker.
 
     Work is estimated as samples x (prompt + budget) tokens. Which worker runs a request never
-    changes its output (per-request seeds), only how long the slowest worker takes.
+    changes its output (per-request seeds), only how long the slowest worker takes. A request that
+    names a session goes to worker `session % workers`, where that session's state is kept.
     """
     shares, loads = [[] for _ in range(workers)], [0] * workers
     cost = lambda i: requests[i].n * (len(requests[i].prompt_ids) + requests[i].params.max_new_tokens)
     for i in sorted(range(len(requests)), key=cost, reverse=True):
-        w = loads.index(min(loads))
+        session = requests[i].session
+        w = loads.index(min(loads)) if session is None else session % workers
         shares[w].append(i)
         loads[w] += cost(i)
     return [sorted(share) for share in shares]

@@ -17,14 +17,12 @@ from cispo.metrics import read_metrics
 from cispo.multiturn import ChatTemplate, Episodes, tool_calls
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
-from rollout.model import build_char_tokenizer, load_model, load_tokenizer
+from rollout.model import CHATML, build_char_tokenizer, load_model, load_tokenizer
 from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
 from tests.conftest import REPO, save_tiny_model
 from tests.rollout.reference import teacher_forced
 
 RECIPE = REPO / "recipes/tiny-arith.yaml"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # Like Qwen3's: an assistant turn before the last user message loses its <think> part, so adding a user
 # message re-renders an earlier turn.
 DROPS_THINKING = (
@@ -110,6 +108,8 @@ def test_turns_keep_the_sampled_tokens_and_only_they_train(chat_model_dir):
     for x, group in zip(inputs, out):
         for t in group:
             assert t.status == "ok" and t.outcomes["turns"] == 3 and t.outcomes["end_max_turns"] == 1
+            # Turns 2 and 3 prefilled only their new tokens, from the state the engine kept.
+            assert t.outcomes["state_kept"] == 2 and t.outcomes["state_reprefill"] == 0
             assert tok.decode(t.prompt_ids) == f"<|im_start|>user\nGuess {x.text}<|im_end|>\n<|im_start|>assistant\n"
             # The response is each turn's sampled ids, as the engine returned them, between inserted ids.
             runs = _segments(t)
@@ -168,29 +168,38 @@ def _call(name, **arguments):
 
 
 BAD_TURNS = [("<tool_call>{\"name\": \"python\"</tool_call>", "malformed", "error: a tool call is not JSON"),
-             (_call("shell", cmd="ls"), "unknown", "error: unknown tool 'shell'; tools: python"),
+             (_call("browser", url="x"), "unknown", "error: unknown tool 'browser'; tools: python"),
              (_call("python", code="raise ValueError('boom')"), "error", "ValueError: boom"),
              (_call("python", code="while True: pass"), "timeout", "error: the tool ran past its 1 s limit"),
              (_call("python", code="print('x' * 10_000_000)"), "error", "[output cut: "),
              (_call("python", code="print(6 * 7)"), "ok", "42\n")]
 
 
-def test_bad_tool_calls_are_observations_for_the_model_and_counted(chat_model_dir):
+SHELL_TURNS = [(_call("shell", command="echo $((6 * 7)); cat"), "ok", "42\n"),
+               (_call("shell", command="echo oops >&2; exit 3"), "error", "oops\nerror: exit code 3"),
+               (_call("shell", cmd="ls"), "malformed", 'error: the shell tool takes {"command": str}'),
+               (_call("shell", command="while :; do :; done"), "timeout", "error: the tool ran past its 1 s limit"),
+               (_call("shell", command="yes | head -c 10000000"), "error", "[output cut: "),
+               (_call("python", code="print(1)"), "unknown", "error: unknown tool 'python'; tools: shell")]
+
+
+@pytest.mark.parametrize("tool, turns", [("python", BAD_TURNS), ("shell", SHELL_TURNS)])
+def test_bad_tool_calls_are_observations_for_the_model_and_counted(chat_model_dir, tool, turns):
     tok = load_tokenizer(chat_model_dir)
-    recipe = _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[python]",
+    recipe = _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", f"env.tools=[{tool}]",
                      "env.max_turns=8", "env.tool_timeout_s=1", "env.max_observation_chars=300")
     inputs, _ = _inputs(tok, SamplingParams(max_new_tokens=4000), n=1)
     inputs[0].answer = "42"
-    out = Episodes(recipe, tok)(inputs[:1], Scripted(tok, [text for text, _, _ in BAD_TURNS] + ["It is 42."]))
+    out = Episodes(recipe, tok)(inputs[:1], Scripted(tok, [text for text, _, _ in turns] + ["It is 42."]))
     t = out[0][0]
     assert t.status == "ok" and t.reward == 1.0 and t.outcomes["end_done"] == 1 and t.outcomes["turns"] == 7
     replies = [tok.decode(ids) for m, ids in _segments(t) if not m]
-    assert len(replies) == 6
-    for reply, (_, _, says) in zip(replies, BAD_TURNS):
-        assert reply.startswith("\n<|im_start|>tool\n") and says in reply
+    for reply, (_, _, says) in zip(replies, turns, strict=True):
+        assert reply.startswith("\n<|im_start|>tool\n") and says in reply, (reply, says)
     assert max(map(len, replies)) < 400  # 10 MB printed, 300 characters and a note shown
-    expected = {"malformed": 1, "unknown": 1, "error": 2, "timeout": 1, "ok": 1, "truncated": 1, "sandbox_error": 0}
-    assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected
+    expected = {o: sum(outcome == o for _, outcome, _ in turns) for o in ("malformed", "unknown", "error", "timeout",
+                                                                          "ok", "sandbox_error")}
+    assert {k: t.outcomes[f"tool_{k}"] for k in expected} == expected and t.outcomes["tool_truncated"] == 1
 
 
 def test_tool_calls_are_parsed_or_refused_with_a_reason():
@@ -231,8 +240,9 @@ def test_an_environment_that_cannot_load_is_one_line_naming_the_key(chat_model_d
         with pytest.raises(RecipeError) as err:
             Collector(_recipe(chat_model_dir, override), tok, None, None)
         assert str(err.value).startswith(f"{where}: ") and why in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(RecipeError, match="command line: key 'env.tools.0' = 'shell': Input should be 'python'"):
-        _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[shell]")
+    with pytest.raises(RecipeError, match="command line: key 'env.tools.0' = 'browser': Input should be 'python' or "
+                                          "'shell'"):
+        _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[browser]")
 
 
 @pytest.mark.slow  # 170-205 s on this loaded 2-core machine

@@ -136,3 +136,47 @@ def test_stop_strings_end_generation_on_decoded_text(tiny_model_dir, tiny_tokeni
     assert decode(stopped.response_ids).endswith(stop)
     with pytest.raises(ValueError, match="decode"):
         generate(_model(), [Request(PROMPTS[0], params=SamplingParams(stop_strings=("x",)))], 0)
+
+
+def _turns(model, kept, rows=2, turns=3, inserted=((3, 4), (5, 6, 7), (3, 4))):
+    """Three sessions of `turns` turns each, played in one engine call per turn: each turn's prompt is the
+    last turn's prompt and response, then a few inserted tokens (different lengths per session, so the
+    resumed rows are grouped and padded). Returns each turn's trajectories."""
+    params = SamplingParams(max_new_tokens=9, temperature=0.9, stop_token_ids=(2,))
+    prompts, out = [list(p) for p in PROMPTS], []
+    for turn in range(turns):
+        step = generate(model, [Request(p, seed=10 * turn + i, params=params, session=100 + i)
+                                for i, p in enumerate(prompts)], pad_id=0, max_batch_rows=rows, kept=kept)
+        prompts = [t.prompt_ids + t.response_ids + list(inserted[i]) for i, t in enumerate(step)]
+        out.append(step)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["minimax", "llama"])
+def test_a_kept_session_state_gives_the_logprobs_of_re_prefilling_its_history(arch):
+    model = _model(arch)
+    use_decode_attention(model)
+    kept = _turns(model, engine.KeptStates(limit=8))
+    again = _turns(model, None)  # every turn prefills its whole history
+    assert [[t.outcomes["state_kept"] for t in step] for step in kept] == [[0, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert [[t.outcomes["state_kept"] for t in step] for step in again] == [[0, 0, 0]] * 3
+    for step_kept, step_again in zip(kept, again):
+        for a, b in zip(step_kept, step_again):
+            assert a.prompt_ids == b.prompt_ids and a.response_ids == b.response_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+            forced = teacher_forced(model, a.prompt_ids, a.response_ids, temperature=0.9)
+            assert (forced - torch.tensor(a.logprobs)).abs().max() <= 1e-4
+
+
+def test_sessions_past_the_bound_are_evicted_counted_and_re_prefilled():
+    model = _model()
+    use_decode_attention(model)
+    store = engine.KeptStates(limit=2)
+    out = _turns(model, store, rows=3)
+    # Three sessions into room for two: each turn's third keep evicts one, whose next turn re-prefills.
+    assert store.evictions == 3 and len(store.states) == 2
+    assert [sorted(t.outcomes["state_kept"] for t in step) for step in out][1:] == [[0, 1, 1], [0, 1, 1]]
+    again = _turns(model, None, rows=3)
+    assert all(a.response_ids == b.response_ids for sa, sb in zip(out, again) for a, b in zip(sa, sb))
+    # A prompt that does not extend the kept tokens is not resumed from them.
+    assert store.take(101, [1, 2, 3]) is None and 101 not in store.states

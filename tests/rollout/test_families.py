@@ -10,9 +10,10 @@ from rollout import engine
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine, Request, SamplingParams, decode_step, generate
 from rollout.families import family_of
-from rollout.model import build_model, head_logits, new_cache
-from rollout.states import RecurrentSlot
+from rollout.model import build_model, head_logits, new_cache, use_decode_attention
+from rollout.states import KeptStates, RecurrentSlot
 from tests.rollout.reference import teacher_forced
+from tests.rollout.test_engine import _turns
 
 PRESETS = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-bailing_hybrid",
            "tiny-nemotron_h"]
@@ -116,3 +117,16 @@ def test_a_model_type_without_an_adapter_is_refused_by_name():
         new_cache(model)
     with pytest.raises(ValueError, match="unknown model preset 'tiny-gpt2'; valid presets: .*tiny-nemotron_h"):
         build_model("tiny-gpt2", 32)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3_5", "tiny-kimi_linear", "tiny-nemotron_h", "tiny-bailing_hybrid"])
+def test_a_kept_session_state_continues_each_family_as_re_prefilling_does(preset):
+    # A resumed turn feeds several tokens onto a kept matrix and conv state: each family's chunked path
+    # must continue from it exactly as its prefill of the whole history does.
+    model = _model(preset)
+    use_decode_attention(model)
+    kept, again = _turns(model, KeptStates(limit=8)), _turns(model, None)
+    assert [[t.outcomes["state_kept"] for t in step] for step in kept] == [[0, 0, 0], [1, 1, 1], [1, 1, 1]]
+    for a, b in (pair for sa, sb in zip(kept, again) for pair in zip(sa, sb)):
+        assert a.response_ids == b.response_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4

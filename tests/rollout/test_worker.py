@@ -48,6 +48,14 @@ def test_balance_spreads_work_and_covers_every_request():
     assert 0 in shares[0] and 2 in shares[1]  # the two big requests go to different workers
 
 
+def test_a_session_always_goes_to_the_worker_that_keeps_its_state():
+    sessions = [7, 8, 9, 7, 11, 7]
+    requests = [Request([1] * 4, params=SamplingParams(max_new_tokens=10 * (i + 1)), session=s)
+                for i, s in enumerate(sessions)]
+    shares = balance(requests, 3)
+    assert [next(w for w, share in enumerate(shares) if i in share) for i in range(6)] == [s % 3 for s in sessions]
+
+
 def test_one_or_two_workers_match_in_process(workers, tiny_model_dir):
     model = load_model(tiny_model_dir).eval()
     for temperature in (0.0, 1.0):
