@@ -9,6 +9,7 @@ from rollout.config import RolloutConfig
 from rollout.model import save_model, token_logprobs
 from rollout.trajectory import Request, SamplingParams
 from rollout.vllm_engine import VLLMEngine
+from tests.cispo.test_family_training import three_rl_steps
 from tests.conftest import REPO
 
 # vLLM's CPU attention takes head sizes of 32 and up.
@@ -119,23 +120,12 @@ def test_a_model_vllm_refuses_is_refused_at_recipe_load(tmp_path, tiny_tokenizer
 
 @pytest.mark.slow
 def test_three_rl_steps_through_vllm(ray_session, tiny_tokenizer, tmp_path):
-    from cispo.loop import train
-    from cispo.metrics import read_metrics
-
     tok = tiny_tokenizer
     model = tiny("qwen3_moe", vocab=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id)
     save_model(model, tok, tmp_path / "model")
-    # As tests/cispo/test_family_training.py: DAPO's soft overlong penalty gives a random model's samples
-    # different rewards, so every step moves the weights that the next step's rollout must see.
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [
-        f"model.path={tmp_path / 'model'}", f"run.dir={tmp_path / 'run'}", "run.max_steps=3", "data.digits=1",
-        "data.eval_size=8", "data.prompts_per_step=4", "sft.steps=0", "optim.lr=1e-3", "optim.warmup_steps=0",
-        "algorithm.overlong=soft", "algorithm.overlong_buffer=8", "algorithm.dynamic_sampling=false",
-        "algorithm.old_logprobs=recompute", "rollout.engine=vllm", "wandb.mode=disabled", "run.threads=1"])
-    train(recipe)
-    rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    rows = three_rl_steps(tmp_path, "rollout.engine=vllm")
+    # Each step's weights reached vLLM (reloaded in place, experts re-packed) before the next rollout.
     assert max(r["old_logprob_gap"] for r in rows) <= 1e-4, [r["old_logprob_gap"] for r in rows]
     assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
     assert rows[0]["rollout_start_s"] > 0
