@@ -82,13 +82,16 @@ def dense(args) -> None:
     prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     useful = SAMPLES * sum(lengths)
     for name, shape in DENSE.items():
+        def make():  # a config each: engines set attributes on their model's config
+            return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048,
+                                                tie_word_embeddings=False, **shape)).eval()
+
         torch.manual_seed(args.seed)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
-                                             **shape)).eval()
+        model = make()
         model.generation_config.eos_token_id = None
-        ours = CispoEngine(LlamaForCausalLM(model.config).eval(), RolloutConfig(), pad_id=0)
+        ours = CispoEngine(make(), RolloutConfig(), pad_id=0)
         ours.load_weights(model.state_dict(), 0)
-        vllm = VLLMEngine(LlamaForCausalLM(model.config).eval(), RolloutConfig(max_batch_rows=PROMPTS * SAMPLES), 0)
+        vllm = VLLMEngine(make(), RolloutConfig(max_batch_rows=PROMPTS * SAMPLES), 0)
         vllm.load_weights(model.state_dict(), 0)
         runs = [(run_engine(ours, prompts, lengths), run_hf(model, prompts, lengths),
                  run_engine(vllm, prompts, lengths)) for _ in range(args.repeats)]

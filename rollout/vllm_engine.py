@@ -77,7 +77,7 @@ class VLLMEngine(Engine):
         # KV for every row at full length, so no request is ever preempted mid-sample (vLLM then recomputes it).
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
-        t0 = time.perf_counter()
+        t0, set_num_threads = time.perf_counter(), torch.set_num_threads
         self.llm = LLM(
             path, skip_tokenizer_init=True, dtype=model.dtype, seed=0, max_model_len=max_len,
             max_num_seqs=config.max_batch_rows, kv_cache_memory_bytes=config.max_batch_rows * max_len * kv_bytes,
@@ -91,6 +91,9 @@ class VLLMEngine(Engine):
             # CPU: no torch.compile warm-up (~17 s per model here). CUDA: CUDA graphs, where they pay.
             enforce_eager=not cuda)
         self.start_s = time.perf_counter() - t0
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process, to keep its
+        # thread binding; the rest of this process (tests, benchmarks, the worker) must keep its own setting.
+        torch.set_num_threads = set_num_threads
         self._probe = [i % c.vocab_size for i in range(3, 11)]
 
     def generate(self, requests: list[Request]) -> list[Trajectory]:
