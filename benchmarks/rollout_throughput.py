@@ -74,6 +74,8 @@ DENSE = {"llama-1m": dict(hidden_size=96, intermediate_size=384, num_hidden_laye
 
 def dense(args) -> None:
     """Ours, HF generate and vLLM side by side on each DENSE model; one JSON line per model."""
+    # vLLM logs to stdout, where the JSON lines go; unconfigured, its warnings reach stderr only.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     from rollout.vllm_engine import VLLMEngine
 
     # vLLM drops the process to one torch thread at start-up unless OMP_NUM_THREADS is set: keep --threads.
