@@ -12,7 +12,7 @@ attention, fp32 head) on a copy of the same weights. Useful tokens are the budge
 
 Prints one JSON line: median seconds and useful tokens/s for each, and the speed-up.
 
-    python benchmarks/rollout_throughput.py --dense [--repeats 3] [--threads 1]
+    python benchmarks/rollout_throughput.py --dense [--models llama-1m,llama-20m] [--repeats 3] [--threads 1]
 
 instead runs the three engines on tiny random Llama models of about 1M and 20M parameters (vLLM serves
 no MiniMax hybrid): our engine, HF generate as above and vLLM (`VLLMEngine`, in-process, fp32), the same
@@ -83,7 +83,8 @@ def dense(args) -> None:
     lengths = budgets(args.seed)
     prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     useful = SAMPLES * sum(lengths)
-    for name, shape in DENSE.items():
+    for name in args.models.split(","):
+        shape = DENSE[name]
         def make():  # a config each: engines set attributes on their model's config
             return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048,
                                                 tie_word_embeddings=False, **shape)).eval()
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense", action="store_true", help="ours, HF and vLLM on ~1M and ~20M Llama models")
+    ap.add_argument("--models", default=",".join(DENSE), help="with --dense: which of them, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
