@@ -73,7 +73,8 @@ class VLLMEngine(Engine):
             model.save_pretrained(self._dir.name)
             path = self._dir.name
         c = model.config
-        max_len = c.max_position_embeddings
+        # A prompt of up to 2,048 tokens plus the budget: vLLM refuses a longer prompt by name.
+        max_len = min(c.max_position_embeddings, config.max_new_tokens + 2048)
         # KV for every row at full length, so no request is ever preempted mid-sample (vLLM then recomputes it).
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
