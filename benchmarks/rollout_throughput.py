@@ -11,15 +11,24 @@ attention, fp32 head) on a copy of the same weights. Useful tokens are the budge
     python benchmarks/rollout_throughput.py [--repeats 3] [--threads 1]
 
 Prints one JSON line: median seconds and useful tokens/s for each, and the speed-up.
+
+    python benchmarks/rollout_throughput.py --dense [--models llama-1m,llama-20m] [--repeats 3] [--threads 1]
+
+instead runs the three engines on tiny random Llama models of about 1M and 20M parameters (vLLM serves
+no MiniMax hybrid): our engine, HF generate as above and vLLM (`VLLMEngine`, in-process, fp32), the same
+requests for each, alternated. One JSON line per size: median seconds, useful tokens/s, vLLM's start-up
+seconds (not in its median) and each engine's speed over HF generate's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
@@ -56,14 +65,64 @@ def run_hf(model, prompts, lengths) -> float:
     return time.perf_counter() - t0
 
 
+# Llama shapes (head size 32: vLLM's CPU attention takes 32 and up) of about 1M and 20M parameters.
+DENSE = {"llama-1m": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=3,
+                          num_key_value_heads=1),
+         "llama-20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=12,
+                           num_key_value_heads=4)}
+
+
+def dense(args) -> None:
+    """Ours, HF generate and vLLM side by side on each DENSE model; one JSON line per model."""
+    # vLLM logs to stdout, where the JSON lines go; unconfigured, its warnings reach stderr only.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    from rollout.vllm_engine import VLLMEngine
+
+    # vLLM drops the process to one torch thread at start-up unless OMP_NUM_THREADS is set: keep --threads.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    lengths = budgets(args.seed)
+    prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
+    useful = SAMPLES * sum(lengths)
+    for name in args.models.split(","):
+        shape = DENSE[name]
+        def make():  # a config each: engines set attributes on their model's config
+            return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048,
+                                                tie_word_embeddings=False, **shape)).eval()
+
+        torch.manual_seed(args.seed)
+        model = make()
+        model.generation_config.eos_token_id = None
+        ours = CispoEngine(make(), RolloutConfig(), pad_id=0)
+        ours.load_weights(model.state_dict(), 0)
+        vllm = VLLMEngine(make(), RolloutConfig(max_batch_rows=PROMPTS * SAMPLES), 0)
+        vllm.load_weights(model.state_dict(), 0)
+        runs = [(run_engine(ours, prompts, lengths), run_hf(model, prompts, lengths),
+                 run_engine(vllm, prompts, lengths)) for _ in range(args.repeats)]
+        ours_s, hf_s, vllm_s = (statistics.median(r) for r in zip(*runs))
+        print(json.dumps({
+            "benchmark": "rollout_throughput_dense", "model": name, "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab": VOCAB, "requests": f"{PROMPTS}x{SAMPLES}", "useful_tokens": useful, "repeats": args.repeats,
+            "threads": args.threads, "engine_median_s": round(ours_s, 2), "hf_median_s": round(hf_s, 2),
+            "vllm_median_s": round(vllm_s, 2), "vllm_start_s": round(vllm.start_s, 1),
+            "engine_tokens_per_s": round(useful / ours_s, 1), "hf_tokens_per_s": round(useful / hf_s, 1),
+            "vllm_tokens_per_s": round(useful / vllm_s, 1), "engine_speedup_vs_hf": round(hf_s / ours_s, 2),
+            "vllm_speedup_vs_hf": round(hf_s / vllm_s, 2), "vllm_speedup_vs_engine": round(ours_s / vllm_s, 2)}),
+            flush=True)
+        vllm.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dense", action="store_true", help="ours, HF and vLLM on ~1M and ~20M Llama models")
+    ap.add_argument("--models", default=",".join(DENSE), help="with --dense: which of them, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.dense:
+        return dense(args)
     model = build_hybrid("small", VOCAB).eval()
     model.generation_config.eos_token_id = None
     lengths = budgets(args.seed)

@@ -15,7 +15,7 @@ from cispo.sections import (AlgorithmConfig, DataConfig, EnvConfig, EvalConfig, 
                             RunConfig, SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
 from rewards.config import RewardConfig
 from rewards.plugins import import_function
-from rollout.config import ModelConfig, RolloutConfig
+from rollout.config import ModelConfig, RolloutConfig, vllm_refuses
 
 
 class Recipe(Section):
@@ -112,6 +112,8 @@ class Recipe(Section):
         if alike and ESTIMATORS[self.algorithm.advantage].meta["group_relative"]:
             raise ValueError(f"{alike}, so algorithm.advantage={self.algorithm.advantage} (relative to the other "
                              f"samples of the prompt) is 0 for every response; sample at least 2, differently")
+        if self.rollout.engine == "vllm" and (why := vllm_refuses(self.model)):
+            raise ValueError(f"rollout.engine=vllm: vLLM does not serve the model, {why}; use rollout.engine: cispo")
         w = self.stages.windows
         if w and w[-1] != self.rollout.max_new_tokens:
             raise ValueError(f"stages.windows ends at {w[-1]} but rollout.max_new_tokens is "

@@ -2,10 +2,12 @@
 as plain data, so `cispo plan` can read them without importing torch."""
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The MiniMax presets follow M1: seven lightning-attention layers, then one softmax layer, repeated. Keys are
 # MiniMaxConfig's; max_position_embeddings is spelled out (131,072 is its default) because plan reads it.
@@ -108,9 +110,10 @@ class RolloutConfig(Section):
                                    "keeps between their turns, so a turn prefills only its new tokens; past this "
                                    "the least recently kept is evicted and its next turn re-prefills (0: keep none)")
     threads: int = Field(0, ge=0, description="torch threads per worker; 0 uses every core (phases run one at a time)")
-    engine: Literal["cispo", "hf"] = Field("cispo", description="the decode engine a worker runs "
-                                           "(rollout.worker.ENGINES): cispo (ours: continuous "
-                        "batching, any supported HF causal LM) | hf (transformers' generate, one request at a time)")
+    engine: Literal["cispo", "hf", "vllm"] = Field("cispo", description="the decode engine a worker runs "
+                                                   "(rollout.worker.ENGINES): cispo (ours: continuous "
+                        "batching, any supported HF causal LM) | hf (transformers' generate, one request at a time) | "
+                        "vllm (vLLM in-process, for the dense and MoE models it serves; the `vllm` extra; no top_k/top_p)")
     function: str = Field("rollout.trajectory:single_turn", description="the rollout function, 'module:fn' "
                           "(rollout.trajectory.RolloutFunction), imported from the working directory, the recipe's "
                           "directory and sys.path: it turns a draw's prompts into trajectories by calling the engine, "
@@ -128,3 +131,25 @@ class RolloutConfig(Section):
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="the workers' weight dtype; auto: bf16 on a "
                                                    "GPU, fp32 on the CPU. The LM head stays fp32 either way (M1 §3.2)")
 
+    @model_validator(mode="after")
+    def _vllm_sampling(self):
+        if self.engine == "vllm" and (self.top_k or self.top_p < 1):
+            raise ValueError("rollout.engine=vllm does not support top_k/top_p (vLLM's logprobs are then of the "
+                             "filtered distribution, not the trainer's); use rollout.engine: cispo")
+        return self
+
+
+# Architectures vLLM does not serve that this project trains, and why.
+VLLM_REFUSES = {"MiniMaxForCausalLM": "vLLM removed MiniMax's lightning-attention models after v0.23"}
+
+
+def vllm_refuses(model: ModelConfig) -> str | None:
+    """Why vLLM cannot serve the model `model` names ("<architecture> (<reason>)"), or None if it may: a preset
+    without a model_type is MiniMax; a model.path is read from its config.json when it exists (a recipe for a
+    cluster still loads where the path does not)."""
+    if model.path:
+        config = Path(model.path) / "config.json"
+        archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    else:
+        archs = [] if "model_type" in PRESETS[model.preset] else ["MiniMaxForCausalLM"]
+    return next((f"{a} ({VLLM_REFUSES[a]})" for a in archs if a in VLLM_REFUSES), None)

@@ -3,6 +3,7 @@ over them, brings every one to a new weight version, and re-runs a dead worker's
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 import torch
@@ -13,9 +14,10 @@ from rollout.engine import CispoEngine
 from rollout.hf_engine import HFGenerateEngine
 from rollout.model import load_model, load_tokenizer
 from rollout.trajectory import Request, Trajectory
+from rollout.vllm_engine import VLLMEngine
 
 # Rollout engines by recipe name (`rollout.engine`, whose Literal in rollout.config lists the same names).
-ENGINES = {"cispo": CispoEngine, "hf": HFGenerateEngine}
+ENGINES = {"cispo": CispoEngine, "hf": HFGenerateEngine, "vllm": VLLMEngine}
 
 
 @ray.remote
@@ -39,9 +41,11 @@ class RolloutWorker:
         gpu = bool(gpu_ids) and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         dtype = torch.bfloat16 if config.dtype == "bf16" or (config.dtype == "auto" and gpu) else torch.float32
+        t0 = time.perf_counter()
         model = load_model(model_dir, dtype=dtype, device=self.device)
         # Stop strings are matched on text, so the engine gets the tokenizer saved beside the model.
         self.engine = ENGINES[config.engine](model, config, pad_id, load_tokenizer(model_dir))
+        self.start_s = time.perf_counter() - t0  # model load and engine start-up (vLLM's is seconds)
 
     def generate(self, requests: list[Request]) -> list[Trajectory]:
         return self.engine.generate(requests)
@@ -52,6 +56,9 @@ class RolloutWorker:
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def start_seconds(self) -> float:
+        return self.start_s
 
     def placement(self) -> str:
         """The device this worker's model sits on, e.g. "cuda:0" or "cpu"."""
@@ -103,6 +110,10 @@ class RolloutPool:
     def generate(self, requests: list[Request]) -> list[Trajectory]:
         """Trajectories in request order, then sample order, whichever workers ran them."""
         return self.submit(requests).result()
+
+    def start_seconds(self) -> float:
+        """The slowest worker's start-up: model load plus engine start (metrics: rollout_start_s)."""
+        return max(ray.get([w.start_seconds.remote() for w in self.workers]))
 
     def nodes(self) -> list[str]:
         """The Ray node of each worker."""
