@@ -117,8 +117,13 @@ def head_logits(model, hidden: torch.Tensor, dtype: torch.dtype = torch.float32)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Any HF causal-LM directory, in `dtype` on `device`, with eager experts like `build_model`'s
-    (training needs them; the engine switches its replica to grouped GEMMs)."""
+    """An HF causal-LM directory of a supported family (rollout.families), in `dtype` on `device`, with eager
+    experts like `build_model`'s (training needs them; the engine switches its replica to grouped GEMMs).
+
+    Raises ValueError naming the model type or the layer kind, and what is supported, from config.json
+    alone, before any weights load (`family_of`).
+    """
+    family_of(AutoConfig.from_pretrained(str(path)))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     model.config._experts_implementation = "eager"
     return model

@@ -32,16 +32,12 @@ class Family:
     def new_cache(self, model) -> StateCache:
         """An empty cache with one slot per layer of `model`.
 
-        Raises ValueError naming the layer and its kind when a layer is not softmax or linear-state (for
-        example sliding-window attention), or when the model's stateful modules do not match its
-        linear layers (a variant this adapter does not know).
+        Raises ValueError naming the layer and its kind when a layer is not softmax or linear-state (see
+        `layer_kinds`), or when the model's stateful modules do not match its linear layers (a variant this
+        adapter does not know).
         """
         config = model.config
-        kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-        for i, kind in enumerate(kinds):
-            if kind not in SLOT_KINDS:
-                raise ValueError(f"{config.model_type} layer {i} is {kind!r}; the rollout engine runs "
-                                 f"{', '.join(SLOT_KINDS)} layers only")
+        kinds = layer_kinds(config)
         stateful = sum(type(m).__name__ in self.state_modules for m in model.modules())
         if stateful != kinds.count("linear_attention"):
             raise ValueError(f"{config.model_type}: {kinds.count('linear_attention')} linear_attention layers but "
@@ -65,10 +61,35 @@ def supported_model_types() -> list[str]:
     return [t for f in _families() for t in f.model_types]
 
 
+def layer_kinds(config) -> list[str]:
+    """Each layer's kind from `config` alone: "full_attention", "linear_attention", or a stateless "moe"/"mlp".
+
+    A config without `layer_types` is all softmax, unless it sets `sliding_window` (Mistral's default): a
+    window would need a ring-buffer slot that drops old positions, which no slot is. Raises ValueError naming
+    the model type, the first layer of another kind (sliding-window attention, for example) and the kinds
+    the engine runs.
+    """
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        kind = "full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"
+        kinds = [kind] * config.num_hidden_layers
+    for i, kind in enumerate(kinds):
+        if kind not in SLOT_KINDS:
+            raise ValueError(f"{config.model_type} layer {i} is {kind!r}; the rollout engine runs "
+                             f"{', '.join(SLOT_KINDS)} layers only")
+    return list(kinds)
+
+
 def family_of(config) -> Family:
-    """The adapter for `config.model_type`; ValueError naming the type and the supported ones otherwise."""
+    """The adapter for `config.model_type`, checked from the config alone, so that a model directory can be
+    refused from its config.json before any weights load.
+
+    Raises ValueError naming the model type and the supported ones when no adapter covers it, or naming the
+    layer and its kind when a layer is neither softmax nor linear-state (`layer_kinds`).
+    """
     for family in _families():
         if config.model_type in family.model_types:
+            layer_kinds(config)
             return family
     raise ValueError(f"model type {config.model_type!r} has no rollout engine adapter; supported: "
                      f"{', '.join(supported_model_types())}")

@@ -4,13 +4,13 @@ from its preset, in fp32.
 MiniMax (lightning) and Llama/Qwen2 (dense) are checked the same way in test_engine.py."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
 
 from rollout import engine
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine, Request, SamplingParams, decode_step, generate
 from rollout.families import family_of
-from rollout.model import build_model, head_logits, new_cache
+from rollout.model import build_model, head_logits, load_model, new_cache
 from rollout.states import RecurrentSlot
 from tests.rollout.reference import teacher_forced
 
@@ -116,3 +116,22 @@ def test_a_model_type_without_an_adapter_is_refused_by_name():
         new_cache(model)
     with pytest.raises(ValueError, match="unknown model preset 'tiny-gpt2'; valid presets: .*tiny-nemotron_h"):
         build_model("tiny-gpt2", 32)
+
+
+@pytest.mark.parametrize("config, error", [
+    (GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2),
+     r"model type 'gpt2' has no rollout engine adapter; supported: llama, .*minimax, .*qwen3_5, .*nemotron_h"),
+    (MistralConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, sliding_window=16),
+     r"mistral layer 0 is 'sliding_attention'; the rollout engine runs full_attention, linear_attention"),
+])
+def test_a_model_directory_is_refused_from_its_config_before_weights_load(tmp_path, config, error):
+    # config.json only: were the weights read, the error would be transformers' missing-weights OSError.
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=error):
+        load_model(tmp_path)
+    # Without the window the same Mistral layout is dense softmax, which the engine runs.
+    if config.model_type == "mistral":
+        config.sliding_window = None
+        config.save_pretrained(tmp_path)
+        with pytest.raises(OSError, match="model.safetensors"):
+            load_model(tmp_path)
