@@ -96,8 +96,10 @@ AttentionMaskInterface.register("decode", sdpa_mask)
 
 
 def use_decode_attention(model) -> None:
-    """Switch a model's softmax layers to `_decode_attention`; for generation-only replicas."""
+    """Switch a model's softmax layers to `_decode_attention`, and the modules its family replaces for decoding
+    to their decode forwards (rollout.families); for generation-only replicas."""
     model.set_attn_implementation("decode")
+    family_of(model.config).use_decode_forwards(model)
 
 
 def fp32_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """Model families the rollout engine runs: one small adapter file each.
 
 An adapter says which transformers model types it covers, which modules hold recurrent state, which
-modules are MoE blocks (ZeRO-3 leaves) and, where the model does not use transformers' generic
-linear-attention cache calls, a cache class that maps its calls onto the slots (rollout.states).
+modules are MoE blocks (ZeRO-3 leaves), where the model does not use transformers' generic
+linear-attention cache calls, a cache class that maps its calls onto the slots (rollout.states), and
+where an upstream module's decode step grows with context, the forward the rollout replica runs instead.
 The decode loop (rollout.engine) only ever sees a `StateCache`, so adding a family adds a file here
 and a line in FAMILIES, and nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MethodType
 
 import torch
 
@@ -28,6 +31,9 @@ class Family:
     state_modules: tuple[str, ...] = ()  # class names of the layers that read and write recurrent state
     moe_blocks: tuple[str, ...] = ()     # class names of MoE blocks: ZeRO-3 leaf modules
     cache_class: type[StateCache] = StateCache
+    # class name -> a forward the rollout replica's modules of that class run instead of their own, where the
+    # upstream one does per decode step work that grows with context (`use_decode_forwards`)
+    decode_forwards: Mapping[str, Callable] = field(default_factory=dict)
 
     def new_cache(self, model) -> StateCache:
         """An empty cache with one slot per layer of `model`.
@@ -44,6 +50,12 @@ class Family:
                              f"{stateful} {'/'.join(self.state_modules) or 'recurrent'} modules; the {self.name} "
                              f"adapter does not know this variant")
         return self.cache_class([SLOT_KINDS[k] for k in kinds])
+
+    def use_decode_forwards(self, model) -> None:
+        """Bind `decode_forwards` to the matching modules of `model` (a generation-only replica)."""
+        for module in model.modules():
+            if type(module).__name__ in self.decode_forwards:
+                module.forward = MethodType(self.decode_forwards[type(module).__name__], module)
 
     def leaf_modules(self, model) -> list[type[torch.nn.Module]]:
         """The MoE block classes in `model`: which experts run depends on the tokens, so under ZeRO-3 each
