@@ -34,11 +34,13 @@ def mla_decode_forward(self, hidden_states: torch.Tensor, attention_mask, cache=
                                   self.layer_idx)  # [b, 1, T, r], [b, 1, T, rope]
     w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
     w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], 1)  # [heads, d_nope, r], [heads, d_v, r]
-    scores = ((q_nope @ w_uk) @ latent.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * self.scaling
+    # Heads as the rows of one matmul against the single latent "head": no per-head copy of the cache.
+    q_latent, q_rope = (q_nope @ w_uk).view(b, 1, -1, self.kv_lora_rank), q_rope.reshape(b, 1, -1, q_rope.shape[-1])
+    scores = (q_latent @ latent.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * self.scaling  # [b, 1, heads, T]
     if attention_mask is not None:  # bool [b, 1, 1, T] from `sdpa_mask`
         scores = scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf"))
-    out = (torch.softmax(scores, -1) @ latent) @ w_uv.transpose(-1, -2)  # [b, heads, 1, d_v]
-    return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1)), None
+    out = (torch.softmax(scores, -1) @ latent).view(b, -1, 1, self.kv_lora_rank) @ w_uv.transpose(-1, -2)
+    return self.o_proj(out.reshape(b, 1, -1)), None  # out [b, heads, 1, d_v]
 
 
 FAMILY = Family(

@@ -135,3 +135,20 @@ def test_a_model_directory_is_refused_from_its_config_before_weights_load(tmp_pa
         config.save_pretrained(tmp_path)
         with pytest.raises(OSError, match="model.safetensors"):
             load_model(tmp_path)
+
+
+def test_kimi_mla_decodes_from_the_latent_cache_without_re_expanding_it():
+    # Upstream MLA runs every cached latent through kv_b_proj at each step (work growing with context); the
+    # engine's replica absorbs kv_b_proj into the query and output, so after the prefill it never runs.
+    model, reference = _model("tiny-kimi_linear"), _model("tiny-kimi_linear")
+    CispoEngine(model, RolloutConfig(), pad_id=0)
+    rows_expanded = []
+    for m in model.modules():
+        if type(m).__name__ == "KimiLinearAttention":
+            m.kv_b_proj.register_forward_hook(lambda mod, args, out: rows_expanded.append(args[0].shape[-2]))
+    out = generate(model, [Request(PROMPTS[0], params=SamplingParams(max_new_tokens=12, temperature=0))], 0)
+    assert rows_expanded == [len(PROMPTS[0])], rows_expanded  # the prefill's latents only
+    ids = torch.tensor([PROMPTS[0] + out[0].response_ids])
+    with torch.no_grad():
+        greedy = reference(input_ids=ids).logits[0, len(PROMPTS[0]) - 1:-1].argmax(-1)
+    assert out[0].response_ids == greedy.tolist()
