@@ -9,14 +9,17 @@ its whole KV, so KV heads set how fast the hybrid's one softmax layer in eight g
 Each context is reached synthetically: the cache is filled with random keys/values and linear
 states of the right shapes (a decode step's cost does not depend on their values; really
 prefilling 32k tokens into the softmax model would take minutes here). Then one sequence decodes
-through the engine's decode step; the median per-token time is reported, with the sequence's
-state memory (linear states + KV).
+through the engine's decode step, the three contexts taking turns step by step; the median per-token
+time is reported, with the sequence's state memory (linear states + KV).
 
     python benchmarks/decode_scaling.py [--steps 16] [--threads 1] [--kv-heads 1] [--attention decode|sdpa]
         [--families tiny-qwen3_5 tiny-kimi_linear tiny-nemotron_h]
 
 `--families` adds tiny presets of other linear-state families (hidden 64), each beside its twin with
-every linear layer made softmax; their linear layers run transformers' torch path.
+every linear layer made softmax; their linear layers run transformers' torch path. Each model's step is
+also split by layer kind (`*_softmax_layers_ms_*`, `*_linear_layers_ms_*`, `*_other_layers_ms_*`: the
+median time per step inside its softmax, linear-state and stateless decoder layers; the rest of a step is
+the embedding, the masks and the head), which shows which layers grow with context.
 
 Prints one JSON line.
 """
@@ -31,6 +34,7 @@ import torch
 
 from rollout.engine import decode_step
 from rollout.config import PRESETS
+from rollout.families import layer_kinds
 from rollout.model import build_hybrid, build_model, new_cache, use_decode_attention
 from rollout.states import KVSlot, RecurrentSlot
 
@@ -60,24 +64,45 @@ def state_mib(cache) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def layer_clocks(model) -> dict[str, list[float]]:
+    """Forward hooks that add each decoder layer's seconds to its kind's running total (softmax, linear or
+    other: Nemotron-H's MLP and MoE layers); the caller reads and clears the totals each step."""
+    kinds = {"full_attention": "softmax", "linear_attention": "linear"}
+    clocks = {"softmax": [0.0], "linear": [0.0], "other": [0.0]}
+    for layer, kind in zip(model.model.layers, layer_kinds(model.config)):
+        clock = clocks[kinds.get(kind, "other")]
+        layer.register_forward_pre_hook(lambda *_, c=clock: c.append(-time.perf_counter()))
+        layer.register_forward_hook(lambda *_, c=clock: c.append(c.pop() + time.perf_counter()))
+    return clocks
+
+
 @torch.no_grad()
-def per_step_seconds(model, context: int, steps: int, rows: int = 1) -> tuple[float, float]:
-    """Median seconds of one decode step of `rows` sequences at `context`, and their state in MiB."""
-    cache = cache_at_context(model, rows, context)
-    memory, device = state_mib(cache), model.lm_head.weight.device
-    mask = torch.ones((rows, context), dtype=torch.long, device=device)
-    tokens, positions = torch.full((rows,), 5, device=device), torch.full((rows,), context, device=device)
-    times = []
+def per_step_seconds(model, clocks, steps: int, rows: int = 1) -> list[tuple[float, float, dict]]:
+    """For each of CONTEXTS: the median seconds of one decode step of `rows` sequences, their state in MiB,
+    and the median seconds per step in each kind of layer (`layer_clocks`). The contexts take turns step by
+    step, so that load from other processes on a shared machine hits each alike."""
+    device = model.lm_head.weight.device
+    caches = [cache_at_context(model, rows, c) for c in CONTEXTS]
+    masks = [torch.ones((rows, c), dtype=torch.long, device=device) for c in CONTEXTS]
+    tokens = [torch.full((rows,), 5, device=device) for _ in CONTEXTS]
+    times, split = [[] for _ in CONTEXTS], [{k: [] for k in clocks} for _ in CONTEXTS]
     for step in range(steps + 3):  # 3 warm-up steps
-        mask = torch.nn.functional.pad(mask, (0, 1), value=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tokens = decode_step(model, cache, mask, positions + step, tokens).argmax(-1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]), memory
+        for i, context in enumerate(CONTEXTS):
+            masks[i] = torch.nn.functional.pad(masks[i], (0, 1), value=1)
+            for clock in clocks.values():
+                clock[:] = [0.0]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            positions = torch.full((rows,), context + step, device=device)
+            tokens[i] = decode_step(model, caches[i], masks[i], positions, tokens[i]).argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t0)
+            for k, clock in clocks.items():
+                split[i][k].append(sum(clock))
+    return [(statistics.median(t[3:]), state_mib(cache), {k: statistics.median(v[3:]) for k, v in sp.items()})
+            for t, cache, sp in zip(times, caches, split)]
 
 
 def main() -> None:
@@ -108,10 +133,14 @@ def main() -> None:
               "kv_heads": args.kv_heads, "attention": args.attention, "vocab": VOCAB,
               "steps": args.steps, "threads": args.threads, "state": "synthetic (random KV and linear states)"}
     for name, model in models.items():
-        seconds, memory = zip(*(per_step_seconds(model, c, args.steps) for c in CONTEXTS))
-        for c, s, m in zip(CONTEXTS, seconds, memory):
+        clocks = layer_clocks(model)
+        seconds, memory, splits = zip(*per_step_seconds(model, clocks, args.steps))
+        for c, s, m, split in zip(CONTEXTS, seconds, memory, splits):
             result[f"{name}_ms_per_token_{c // 1024}k"] = round(s * 1e3, 2)
             result[f"{name}_state_mib_{c // 1024}k"] = round(m, 2)
+            for kind, t in split.items():
+                if t:
+                    result[f"{name}_{kind}_layers_ms_{c // 1024}k"] = round(t * 1e3, 2)
         result[f"{name}_ratio_32k_over_1k"] = round(seconds[-1] / seconds[0], 2)
     result["target_hybrid_ratio"] = 1.5
     print(json.dumps(result))

@@ -1,6 +1,7 @@
 """Rollout throughput: our engine vs transformers' `model.generate` on long-tailed budgets.
 
-8 prompts x 8 samples on a small hybrid model (hidden 256, 8 layers, M1's 7:1 layout). Each
+8 prompts x 8 samples on each model of `--models`: by default MiniMax's `small` preset (hidden 256,
+8 layers, M1's 7:1 lightning layout) and `tiny-qwen3_5` (Gated DeltaNet, hidden 64, 3:1). Each
 request's `max_new_tokens` is drawn log-normal and clipped to [32, 1024]; the model has no EOS,
 so every sequence runs to its budget. HF is used as a user would: one batch of 64 rows
 (`num_return_sequences=8`) run to the longest budget, each row then truncated to its own budget.
@@ -8,11 +9,11 @@ HF gets our fixed cache (`past_key_values=new_cache(model)`), which gives correc
 left-padded batches (docs/notes.md#model). Our engine runs as a worker runs it (`CispoEngine`: decode
 attention, fp32 head) on a copy of the same weights. Useful tokens are the budgets' sum, the same for both.
 
-    python benchmarks/rollout_throughput.py [--repeats 3] [--threads 1]
+    python benchmarks/rollout_throughput.py [--repeats 3] [--threads 1] [--models small tiny-qwen3_5]
 
-Prints one JSON line: median seconds and useful tokens/s for each, and the speed-up.
+Prints one JSON line: per model, median seconds and useful tokens/s for each engine, and the speed-up.
 
-    python benchmarks/rollout_throughput.py --dense [--models llama-1m,llama-20m] [--repeats 3] [--threads 1]
+    python benchmarks/rollout_throughput.py --dense [--models llama-1m llama-20m] [--repeats 3] [--threads 1]
 
 instead runs the three engines on tiny random Llama models of about 1M and 20M parameters (vLLM serves
 no MiniMax hybrid): our engine, HF generate as above and vLLM (`VLLMEngine`, in-process, fp32), the same
@@ -33,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
 from rollout.trajectory import Request, SamplingParams
-from rollout.model import build_hybrid, new_cache
+from rollout.model import build_model, new_cache
 
 VOCAB, PROMPTS, SAMPLES, PROMPT_LEN = 4096, 8, 8, 32
 
@@ -83,7 +84,7 @@ def dense(args) -> None:
     lengths = budgets(args.seed)
     prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     useful = SAMPLES * sum(lengths)
-    for name in args.models.split(","):
+    for name in args.models:
         shape = DENSE[name]
         def make():  # a config each: engines set attributes on their model's config
             return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048,
@@ -117,31 +118,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense", action="store_true", help="ours, HF and vLLM on ~1M and ~20M Llama models")
-    ap.add_argument("--models", default=",".join(DENSE), help="with --dense: which of them, comma-separated")
+    ap.add_argument("--models", nargs="+", metavar="MODEL",
+                    help="model presets (rollout.config.PRESETS), each timed on its own random weights; with "
+                         f"--dense, names from {sorted(DENSE)}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     if args.dense:
+        args.models = args.models or list(DENSE)
         return dense(args)
-    model = build_hybrid("small", VOCAB).eval()
-    model.generation_config.eos_token_id = None
+    args.models = args.models or ["small", "tiny-qwen3_5"]
     lengths = budgets(args.seed)
     prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     useful = SAMPLES * sum(lengths)
-    # Alternate the two, so that load from other processes on a shared machine hits both alike.
-    # The engine as a rollout worker runs it (decode attention, fp32 head); HF keeps SDPA, its default.
-    engine = CispoEngine(build_hybrid("small", VOCAB).eval(), RolloutConfig(), pad_id=0)
-    engine.load_weights(model.state_dict(), 0)
-    runs = [(run_engine(engine, prompts, lengths), run_hf(model, prompts, lengths)) for _ in range(args.repeats)]
-    engine_s, hf_s = (statistics.median(r) for r in zip(*runs))
-    print(json.dumps({
-        "benchmark": "rollout_throughput", "model": "small (hidden 256, 8 layers, 7:1)", "vocab": VOCAB,
-        "requests": f"{PROMPTS}x{SAMPLES}", "budgets": lengths, "useful_tokens": useful,
-        "hf_generated_tokens": PROMPTS * SAMPLES * max(lengths), "repeats": args.repeats, "threads": args.threads,
-        "hf_cache": "cache=new_cache(model)",
-        "engine_median_s": round(engine_s, 2), "hf_median_s": round(hf_s, 2),
-        "engine_tokens_per_s": round(useful / engine_s, 1), "hf_tokens_per_s": round(useful / hf_s, 1),
-        "speedup": round(hf_s / engine_s, 2), "target_speedup": 2.0}))
+    result = {"benchmark": "rollout_throughput", "vocab": VOCAB, "requests": f"{PROMPTS}x{SAMPLES}",
+              "budgets": lengths, "useful_tokens": useful, "hf_generated_tokens": PROMPTS * SAMPLES * max(lengths),
+              "repeats": args.repeats, "threads": args.threads, "hf_cache": "cache=new_cache(model)"}
+    for preset in args.models:
+        torch.manual_seed(args.seed)
+        model = build_model(preset, VOCAB).eval()
+        model.generation_config.eos_token_id = None
+        # The engine as a rollout worker runs it (decode attention, fp32 head) on a copy of the same weights;
+        # HF keeps SDPA, its default. Alternate the two, so that load from other processes hits both alike.
+        engine = CispoEngine(build_model(preset, VOCAB).eval(), RolloutConfig(), pad_id=0)
+        engine.load_weights(model.state_dict(), 0)
+        runs = [(run_engine(engine, prompts, lengths), run_hf(model, prompts, lengths)) for _ in range(args.repeats)]
+        engine_s, hf_s = (statistics.median(r) for r in zip(*runs))
+        result.update({f"{preset}_engine_median_s": round(engine_s, 2), f"{preset}_hf_median_s": round(hf_s, 2),
+                       f"{preset}_engine_tokens_per_s": round(useful / engine_s, 1),
+                       f"{preset}_hf_tokens_per_s": round(useful / hf_s, 1),
+                       f"{preset}_speedup": round(hf_s / engine_s, 2)})
+    result["target_speedup"] = 2.0
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

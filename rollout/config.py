@@ -45,6 +45,7 @@ PRESETS.update({
     "tiny-kimi_linear": dict(_TINY_MLA, model_type="kimi_linear", linear_head_dim=16, linear_num_heads=4),
     "tiny-bailing_hybrid": dict(_TINY_MLA, model_type="bailing_hybrid", head_dim=16, n_group=1, topk_group=1,
                                 num_mtp_layers=0),
+    "tiny-llama": dict(_TINY, model_type="llama", num_hidden_layers=2, intermediate_size=128, head_dim=16),
     "tiny-nemotron_h": dict(_TINY, model_type="nemotron_h", head_dim=16, intermediate_size=128,
                             layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
                             ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,

@@ -96,8 +96,10 @@ AttentionMaskInterface.register("decode", sdpa_mask)
 
 
 def use_decode_attention(model) -> None:
-    """Switch a model's softmax layers to `_decode_attention`; for generation-only replicas."""
+    """Switch a model's softmax layers to `_decode_attention`, and the modules its family replaces for decoding
+    to their decode forwards (rollout.families); for generation-only replicas."""
     model.set_attn_implementation("decode")
+    family_of(model.config).use_decode_forwards(model)
 
 
 def fp32_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,13 @@ def head_logits(model, hidden: torch.Tensor, dtype: torch.dtype = torch.float32)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Any HF causal-LM directory, in `dtype` on `device`, with eager experts like `build_model`'s
-    (training needs them; the engine switches its replica to grouped GEMMs)."""
+    """An HF causal-LM directory of a supported family (rollout.families), in `dtype` on `device`, with eager
+    experts like `build_model`'s (training needs them; the engine switches its replica to grouped GEMMs).
+
+    Raises ValueError naming the model type or the layer kind, and what is supported, from config.json
+    alone, before any weights load (`family_of`).
+    """
+    family_of(AutoConfig.from_pretrained(str(path)))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     model.config._experts_implementation = "eager"
     return model

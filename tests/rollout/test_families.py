@@ -4,13 +4,13 @@ from its preset, in fp32.
 MiniMax (lightning) and Llama/Qwen2 (dense) are checked the same way in test_engine.py."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
 
 from rollout import engine
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine, Request, SamplingParams, decode_step, generate
 from rollout.families import family_of
-from rollout.model import build_model, head_logits, new_cache, use_decode_attention
+from rollout.model import build_model, head_logits, load_model, new_cache, use_decode_attention
 from rollout.states import KeptStates, RecurrentSlot
 from tests.rollout.reference import teacher_forced
 from tests.rollout.test_engine import _turns
@@ -130,3 +130,39 @@ def test_a_kept_session_state_continues_each_family_as_re_prefilling_does(preset
     for a, b in (pair for sa, sb in zip(kept, again) for pair in zip(sa, sb)):
         assert a.response_ids == b.response_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+
+
+@pytest.mark.parametrize("config, error", [
+    (GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2),
+     r"model type 'gpt2' has no rollout engine adapter; supported: llama, .*minimax, .*qwen3_5, .*nemotron_h"),
+    (MistralConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, sliding_window=16),
+     r"mistral layer 0 is 'sliding_attention'; the rollout engine runs full_attention, linear_attention"),
+])
+def test_a_model_directory_is_refused_from_its_config_before_weights_load(tmp_path, config, error):
+    # config.json only: were the weights read, the error would be transformers' missing-weights OSError.
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=error):
+        load_model(tmp_path)
+    # Without the window the same Mistral layout is dense softmax, which the engine runs.
+    if config.model_type == "mistral":
+        config.sliding_window = None
+        config.save_pretrained(tmp_path)
+        with pytest.raises(OSError, match="model.safetensors"):
+            load_model(tmp_path)
+
+
+def test_kimi_mla_decodes_from_the_latent_cache_without_re_expanding_it():
+    # Upstream MLA runs every cached latent through kv_b_proj at each step (work growing with context); the
+    # engine's replica absorbs kv_b_proj into the query and output, so after the prefill it never runs.
+    model, reference = _model("tiny-kimi_linear"), _model("tiny-kimi_linear")
+    CispoEngine(model, RolloutConfig(), pad_id=0)
+    rows_expanded = []
+    for m in model.modules():
+        if type(m).__name__ == "KimiLinearAttention":
+            m.kv_b_proj.register_forward_hook(lambda mod, args, out: rows_expanded.append(args[0].shape[-2]))
+    out = generate(model, [Request(PROMPTS[0], params=SamplingParams(max_new_tokens=12, temperature=0))], 0)
+    assert rows_expanded == [len(PROMPTS[0])], rows_expanded  # the prefill's latents only
+    ids = torch.tensor([PROMPTS[0] + out[0].response_ids])
+    with torch.no_grad():
+        greedy = reference(input_ids=ids).logits[0, len(PROMPTS[0]) - 1:-1].argmax(-1)
+    assert out[0].response_ids == greedy.tolist()
