@@ -1,4 +1,5 @@
-"""Dense softmax-attention models: every layer is a growing KV slot, no recurrent state."""
+"""Softmax-attention models, dense or MoE FFN: every layer is a growing KV slot, no recurrent state."""
 from rollout.families import Family
 
-FAMILY = Family("dense", ("llama", "qwen2", "qwen3", "mistral"), state="none (softmax KV only)")
+FAMILY = Family("dense", ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe"), state="none (softmax KV only)",
+                moe_blocks=("Qwen3MoeSparseMoeBlock",))
