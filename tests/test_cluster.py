@@ -30,7 +30,7 @@ def _kill_nodes(temp_dir: Path) -> None:
             pass
 
 
-def test_tiny_recipe_on_two_nodes(tmp_path):
+def test_tiny_recipe_on_two_nodes(warm_arith, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # Short paths: Ray's unix sockets live under the temp dir, and socket paths max out at 107 bytes.
     short = Path(tempfile.mkdtemp(prefix="cispo-", dir="/tmp"))
@@ -45,8 +45,8 @@ def test_tiny_recipe_on_two_nodes(tmp_path):
                         f"--temp-dir={node_dir}", *common], env=env, check=True, capture_output=True, timeout=120)
         out = subprocess.run(
             [sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", f"run.dir={tmp_path / 'run'}",
-             "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=10",
-             "sft.stop_at_accuracy=null", "run.max_steps=2", "run.threads=1", "wandb.mode=disabled",
+             "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
+             f"model.path={warm_arith}", "run.max_steps=2", "run.threads=1", "wandb.mode=disabled",
              "resources.rollout.node_resource=rollout", "resources.trainer.node_resource=trainer"],
             cwd=REPO, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -15,18 +15,18 @@ from cispo.metrics import read_metrics
 from rewards.math import score
 from tests.conftest import REPO
 
-# One-digit addition: a short warm start and 24 steps exercise every part (that RL learns is the slow test's
-# claim). The old logprobs are recomputed by the trainer, so every step measures how far the rollout's
-# logprobs are from the trainer's.
-SHORT = ["data.digits=1", "data.eval_size=20", "data.prompts_per_step=8", "sft.steps=60",
+# One-digit addition: 24 steps from the session's shared warm start (tests/conftest.py) exercise every part
+# (that RL learns is the slow test's claim). The old logprobs are recomputed by the trainer, so every step
+# measures how far the rollout's logprobs are from the trainer's.
+SHORT = ["data.digits=1", "data.eval_size=20", "data.prompts_per_step=8", "sft.steps=0",
          "run.max_steps=24", "optim.lr=1e-4", "optim.warmup_steps=2", "wandb.mode=disabled", "run.threads=1",
          "algorithm.old_logprobs=recompute"]
 
 
 @pytest.fixture(scope="module")
-def short_run(ray_session, tmp_path_factory):
+def short_run(warm_arith, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", SHORT + [f"run.dir={run_dir}"])
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [*SHORT, f"model.path={warm_arith}", f"run.dir={run_dir}"])
     return recipe, run_dir, train(recipe)
 
 
@@ -103,10 +103,10 @@ def test_eval_of_the_run_and_of_its_export_and_the_plain_hf_way_agree(short_run,
     assert pass_at[2]["metric"] == "pass@2" and 0 < pass_at[1]["value"] < pass_at[2]["value"] <= 1
 
 
-def test_staged_recipe_advances_windows_and_logs_the_rule(ray_session, tmp_path):
+def test_staged_recipe_advances_windows_and_logs_the_rule(warm_arith, tmp_path):
     recipe = load_recipe(REPO / "recipes/tiny-staged.yaml", [
-        "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=20",
-        "sft.stop_at_accuracy=null", "run.max_steps=8", "stages.max_steps_per_stage=3", "run.threads=1",
+        "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
+        f"model.path={warm_arith}", "run.max_steps=8", "stages.max_steps_per_stage=3", "run.threads=1",
         "wandb.mode=disabled", f"run.dir={tmp_path / 'staged'}"])
     train(recipe)
     rows = read_metrics(tmp_path / "staged")

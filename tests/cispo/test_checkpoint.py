@@ -36,15 +36,20 @@ def test_torn_checkpoints_are_skipped_and_old_ones_pruned(tmp_path):
     assert final.name == "step-000005" and not good.exists()
 
 
-ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=20",
-        "sft.lr=3e-3", "run.save_every=1", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled"]
+# From the session's shared warm start (tests/conftest.py): no run spends time on SFT.
+ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
+        "run.save_every=1", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled"]
 
 
-def _cli(run_dir, *extra, ray_address):
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-    return subprocess.Popen([sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", *ARGS,
-                             f"run.dir={run_dir}", *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def cli(ray_session, warm_arith):
+    """`cispo train` on tiny-arith from the shared warm start, as a process on the session's Ray."""
+    def start(run_dir, *extra):
+        env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+        return subprocess.Popen([sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", *ARGS,
+                                 f"model.path={warm_arith}", f"run.dir={run_dir}", *extra], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start
 
 
 def _comparable(row):
@@ -66,16 +71,14 @@ def sigkill_at_checkpoint(run: subprocess.Popen, run_dir, step: int, timeout_s: 
 RANKS = ["trainer.num_ranks=2", "trainer.zero_stage=3", "trainer.micro_batch_tokens=64"]
 
 
-def test_sigkilled_run_resumes_to_identical_metrics(ray_session, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
-    whole = _cli(tmp_path / "whole", "run.max_steps=8", *RANKS, ray_address=address)
+def test_sigkilled_run_resumes_to_identical_metrics(cli, tmp_path):
+    whole = cli(tmp_path / "whole", "run.max_steps=8", *RANKS)
     out, _ = whole.communicate(timeout=600)
     assert whole.returncode == 0, out
 
-    sigkill_at_checkpoint(_cli(tmp_path / "killed", "run.max_steps=8", *RANKS, ray_address=address),
-                          tmp_path / "killed", step=2)
+    sigkill_at_checkpoint(cli(tmp_path / "killed", "run.max_steps=8", *RANKS), tmp_path / "killed", step=2)
 
-    resumed = _cli(tmp_path / "killed", "run.max_steps=8", "run.resume=true", *RANKS, ray_address=address)
+    resumed = cli(tmp_path / "killed", "run.max_steps=8", "run.resume=true", *RANKS)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
@@ -87,9 +90,8 @@ def test_sigkilled_run_resumes_to_identical_metrics(ray_session, tmp_path):
         assert _comparable(have) == _comparable(want)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits(ray_session, tmp_path):
-    run = _cli(tmp_path / "run", "run.max_steps=50", "run.save_every=100",
-               ray_address=ray_session.get_runtime_context().gcs_address)
+def test_sigterm_finishes_the_step_saves_and_exits(cli, tmp_path):
+    run = cli(tmp_path / "run", "run.max_steps=50", "run.save_every=100")
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):

@@ -1,4 +1,4 @@
-"""`cispo report` on real runs: one short warm start, then three short RL runs from it (CISPO with seeds
+"""`cispo report` on real runs: three short RL runs from the session's shared warm start (CISPO with seeds
 0 and 1, DAPO with seed 0), drawn and tabulated through the command line."""
 import json
 import statistics
@@ -22,16 +22,14 @@ DAPO = ["algorithm.name=dapo", "algorithm.eps_high=0.28", "algorithm.eps_low=0.2
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
-    """Run dirs by name, all under one parent. The warm start is shared (its final/ model is each run's
+def runs(warm_arith, tmp_path_factory):
+    """Run dirs by name, all under one parent. The warm start is shared (tests/conftest.py: each run's
     model.path), so the runs differ only in what the test names."""
     root = tmp_path_factory.mktemp("report")
-    train(load_recipe(RECIPE, [*SHORT, "sft.steps=60", "sft.stop_at_accuracy=null", "run.max_steps=0",
-                               f"run.dir={root / 'warm'}"]))
     dirs = {}
     for name, extra in [("cispo-0", ["run.seed=0"]), ("cispo-1", ["run.seed=1"]), ("dapo-0", ["run.seed=0", *DAPO])]:
         dirs[name] = root / "runs" / name
-        train(load_recipe(RECIPE, [*SHORT, "sft.steps=0", f"model.path={root / 'warm/final'}", *extra,
+        train(load_recipe(RECIPE, [*SHORT, "sft.steps=0", f"model.path={warm_arith}", *extra,
                                    f"run.dir={dirs[name]}"]))
     return dirs
 

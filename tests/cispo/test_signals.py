@@ -1,6 +1,6 @@
 """A signal to the whole process group, as Ctrl-C in a terminal, `timeout` and SLURM's scancel or preemption
 send it, ends a run with a checkpoint in every phase of a step, and resuming gives the rows of a run that
-was never stopped.
+was never stopped. SIGTERM and SIGINT, each in each phase, stop one chain of runs (each resuming the last).
 
 Each run is a real `cispo train` in its own session with its own local Ray (the case that lost runs: the
 Ray head `ray.init` starts, and the scoring processes, are in the controller's process group). The phase
@@ -21,20 +21,24 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=20",
-        "sft.lr=3e-3", "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled",
-        "run.max_steps=5", "reward.num_workers=2"]
+# Each run starts from the session's shared warm start (tests/conftest.py), so no run spends time on SFT.
+ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
+        "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled", "run.max_steps=8",
+        "reward.num_workers=2"]
+# Every signal in every phase, one after the other in one chain of runs: each run resumes the one before.
+STOPS = [(signal.SIGTERM, "rollout"), (signal.SIGINT, "reward"), (signal.SIGTERM, "train"),
+         (signal.SIGINT, "rollout"), (signal.SIGTERM, "reward"), (signal.SIGINT, "train")]
 
 
 class Run:
     """`cispo train` as a session leader, so that its process group is its own and not the test's."""
 
-    def __init__(self, run_dir, *extra):
+    def __init__(self, run_dir, model_dir, *extra):
         self.log = open(f"{run_dir}.{time.monotonic_ns()}.log", "w+")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the run
         self.proc = subprocess.Popen([sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", *ARGS,
-                                      f"run.dir={run_dir}", *extra], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                      f"model.path={model_dir}", f"run.dir={run_dir}", *extra], cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
         self.log.seek(0)
@@ -82,18 +86,17 @@ def _comparable(rows):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, warm_arith):
     run_dir = tmp_path_factory.mktemp("signals") / "whole"
-    with Run(run_dir) as run:
+    with Run(run_dir, warm_arith) as run:
         assert run.finish() == 0, run.output()
     return read_metrics(run_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(sig, uninterrupted, tmp_path):
+def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uninterrupted, warm_arith, tmp_path):
     run_dir, step = tmp_path / "run", 1
-    for n, phase in enumerate(["rollout", "reward", "train"]):
-        with Run(run_dir, *(["run.resume=true"] if n else [])) as run:
+    for n, (sig, phase) in enumerate(STOPS):
+        with Run(run_dir, warm_arith, *(["run.resume=true"] if n else [])) as run:
             step = run.wait_for_phase(phase, first_step=step + 1)  # step 2 on: one step is already logged
             os.killpg(run.proc.pid, sig)
             code, out = run.finish(), run.output()
@@ -110,7 +113,7 @@ def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(sig
         assert not left, f"processes of the run left behind: {left}"  # the controller shut its children down
     with (run_dir / "metrics.jsonl").open("a") as f:  # and a crash had torn the last row as it was written
         f.write('{"step": %d, "reward_mean": 0.' % (step + 1))
-    with Run(run_dir, "run.resume=true") as final:
+    with Run(run_dir, warm_arith, "run.resume=true") as final:
         assert final.finish() == 0, final.output()
         assert f"resumed from {run_dir / 'ckpt' / f'step-{step:06d}'} (step {step})" in final.output()
         assert "dropped a torn last line" in final.output()

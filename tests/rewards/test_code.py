@@ -25,6 +25,15 @@ def humaneval_rows() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def humaneval_sample() -> list[dict]:
+    """The tasks checked at the weaker levels and with a moved interpreter, where a failure comes from
+    the level and not the task: every 8th, and each that imports a module beyond typing (what the
+    level must let a program load: math, hashlib)."""
+    imports = lambda r: any("import" in line and "typing" not in line
+                            for line in (r["prompt"] + r["canonical_solution"]).splitlines())
+    return [r for i, r in enumerate(humaneval_rows()) if i % 8 == 0 or imports(r)]
+
+
 @pytest.fixture(scope="module")
 def humaneval():
     return humaneval_rows()
@@ -81,24 +90,28 @@ def check_every_level(report: dict, interpreter_readable: bool) -> None:
 
 @pytest.mark.parametrize("level", sandbox.LEVELS)
 def test_every_humaneval_solution_scores_1_and_every_broken_one_0_at_each_level(humaneval, level):
+    """All 164 tasks at the strongest level offered here (the one runs use), the sample at the others."""
     stdlib = Path(sys.base_prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "ast.py")
+    readable = readable_by_others(stdlib)
+    strongest = next((lv for lv in sandbox.LEVELS if offered(lv, readable)), None)
     try:
-        check_every_level({level: humaneval_at(level, humaneval)}, readable_by_others(stdlib))
+        check_every_level({level: humaneval_at(level, humaneval if level == strongest else humaneval_sample())},
+                          readable)
     finally:
         sandbox.close()
 
 
 def test_humaneval_where_the_sandbox_uid_cannot_read_the_interpreter(tmp_path):
     """The interpreter moved (bind-mounted, in a private mount namespace) under a 0700 directory,
-    as pyenv under /root is; every level must still score HumanEval right, or be refused."""
+    as pyenv under /root is; every level must still score the HumanEval sample right, or be refused."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("building the set-up needs root and util-linux's unshare")
     closed = tmp_path / "closed"
     (closed / "python").mkdir(parents=True)
     closed.chmod(0o700)
     exe = closed / "python" / Path(os.path.realpath(sys.executable)).relative_to(os.path.realpath(sys.base_prefix))
-    child = ("import json, sys; from tests.rewards.test_code import humaneval_at, humaneval_rows; "
-             "assert sys.base_prefix.startswith(sys.argv[1]), sys.base_prefix; rows = humaneval_rows(); "
+    child = ("import json, sys; from tests.rewards.test_code import humaneval_at, humaneval_sample; "
+             "assert sys.base_prefix.startswith(sys.argv[1]), sys.base_prefix; rows = humaneval_sample(); "
              "print(json.dumps({lv: humaneval_at(lv, rows) for lv in ('bwrap', 'mountns', 'uid', 'rlimits')}))")
     script = f'mount --bind "$1" "$2/python" && exec "$3" -c "$4" "$2"'
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rewards import code, sandbox
+from tests.rewards import conftest
 
 LIMITS = {"timeout_s": 1.0, "memory_mb": 256}
 STDIO_42 = {"inputs": [""], "outputs": ["42"], **LIMITS}
@@ -159,6 +160,47 @@ def test_files_a_program_leaves_outside_its_work_dir_do_not_reach_the_next_progr
         assert code.score(writes.replace(", sorted(os.listdir('/tmp'))", ""), STDIO_42) == 1.0
     finally:
         unforce()
+
+
+def test_the_outer_cap_is_planned_on_cgroup_v1_and_v2_hosts(tmp_path):
+    """Where the outer cap goes, on stand-in cgroup trees (directories holding the files the kernel shows):
+    this host binds pids to cgroup v1, so a v2 pids cap cannot be built here for real. On a v2 host the
+    cap's fork probe (tests/rewards/conftest.py) then checks the real thing before any attack runs."""
+    def cgroup(path: Path, controllers: str, root: bool = False) -> Path:
+        path.mkdir(parents=True)
+        (path / "cgroup.controllers").write_text(controllers + "\n")
+        (path / "cgroup.procs").write_text("")
+        if not root:
+            (path / "cgroup.type").write_text("domain\n")
+        return path
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text("0::/user.slice/session-1.scope\n")
+    (proc / "mountinfo").write_text(f"30 23 0:26 / {tmp_path / 'v2'} rw,nosuid - cgroup2 cgroup2 rw\n"
+                                    f"31 23 0:27 / {tmp_path / 'v1'} rw - tmpfs tmpfs rw\n")
+    own = conftest.own_cgroups(proc)
+    root = cgroup(tmp_path / "v2", "cpu memory pids", root=True)
+    scope = cgroup(cgroup(root / "user.slice", "memory pids") / "session-1.scope", "memory pids")
+    assert own == {"v2": scope}
+    limits = {"pids.max": str(conftest.PIDS_MAX), "memory.max": str(conftest.MEMORY_MAX)}
+    # Beside our cgroup: its parent enables both controllers for its children.
+    assert conftest.cap_plan("cap", own) == ([(root / "user.slice" / "cap", scope, limits)], "v2")
+    # At the root, which may hold processes and still enable them.
+    assert conftest.cap_plan("cap", {"v2": root}) == ([(root / "cap", root, limits)], "v2")
+    assert (root / "cgroup.subtree_control").read_text() == "+pids +memory"
+    with pytest.raises(LookupError, match=r"offers \['memory'\], not pids and memory"):
+        conftest.cap_plan("cap", {"v2": cgroup(tmp_path / "nopids", "memory")})
+    with pytest.raises(LookupError, match="parent is not visible here"):
+        conftest.cap_plan("cap", {"v2": cgroup(tmp_path / "ns" / "container", "memory pids")})
+    # cgroup v1 (this host): a child of our own cgroup in the pids and in the memory hierarchy.
+    (proc / "cgroup").write_text("5:pids:/\n4:memory:/jobs/7\n0::/\n")
+    (proc / "mountinfo").write_text(f"32 31 0:28 / {tmp_path / 'v1/pids'} rw - cgroup cgroup rw,pids\n"
+                                    f"33 31 0:29 / {tmp_path / 'v1/memory'} rw - cgroup cgroup rw,memory\n")
+    pids, memory = tmp_path / "v1/pids", tmp_path / "v1/memory/jobs/7"
+    assert conftest.cap_plan("cap", conftest.own_cgroups(proc)) == (
+        [(pids / "cap", pids, {"pids.max": str(conftest.PIDS_MAX)}),
+         (memory / "cap", memory, {"memory.limit_in_bytes": str(conftest.MEMORY_MAX)})], "v1")
 
 
 # ---- attacks: each under the outer cap, each ending with the host unharmed and a score of 0 ----

@@ -3,10 +3,13 @@
 Two worker actors serve the whole module (each costs seconds to start); the failover test kills
 one, so it runs last.
 """
-import threading
+import itertools
+import os
+import signal
 import typing
 
 import pytest
+import ray
 import torch
 
 from pydantic import ValidationError
@@ -114,17 +117,23 @@ def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
     assert all(len(c.response_ids) == 10 and c.finish_reason == "length" for c in out[1:])
 
 
-def test_dead_worker_requests_rerun_on_survivor(workers, ray_session, tiny_model_dir):
+def test_dead_worker_requests_rerun_on_survivor(workers, tiny_model_dir):
     pool = RolloutPool(workers)
-    requests = _requests(1.0, budget=200)
+    requests = _requests(1.0)
     expected = RolloutPool(workers[:1]).generate(requests)
-    # Kill worker 1 while both are generating: its share must be re-run on worker 0.
     victim = workers[1]
-    # A failure is only counted for a worker that died with a batch in flight, so this proves mid-batch.
-    killer = threading.Timer(0.5, ray_session.kill, args=(victim,))
-    killer.start()
+
+    def die_mid_batch(worker, forwards: int) -> None:
+        """Runs in the victim's process: its model body SIGKILLs the process as it starts forward number
+        `forwards` + 1, i.e. after one prefill and forwards - 1 decode steps of its share, mid-batch."""
+        calls = itertools.count()
+        worker.engine.model.model.register_forward_pre_hook(
+            lambda module, args: os.kill(os.getpid(), signal.SIGKILL) if next(calls) == forwards else None)
+
+    # Armed before the batch is sent, so the process dies at a known token, not when a timer fires.
+    ray.get(victim.__ray_call__.remote(die_mid_batch, 4))
     out = pool.generate(requests)
-    killer.join()
+    # A failure is only counted for a worker that died with a batch in flight, so this proves mid-batch.
     assert pool.failures == 1 and pool.workers == [workers[0]]
     assert _view(out) == _view(expected)
     pool.update_weights(load_model(tiny_model_dir).state_dict(), version=9)  # a dead worker is skipped
