@@ -113,7 +113,7 @@ def test_humaneval_where_the_sandbox_uid_cannot_read_the_interpreter(tmp_path):
     child = ("import json, sys; from tests.rewards.test_code import humaneval_at, humaneval_sample; "
              "assert sys.base_prefix.startswith(sys.argv[1]), sys.base_prefix; rows = humaneval_sample(); "
              "print(json.dumps({lv: humaneval_at(lv, rows) for lv in ('bwrap', 'mountns', 'uid', 'rlimits')}))")
-    script = f'mount --bind "$1" "$2/python" && exec "$3" -c "$4" "$2"'
+    script = 'mount --bind "$1" "$2/python" && exec "$3" -c "$4" "$2"'
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])}
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                           os.path.realpath(sys.base_prefix), str(closed), str(exe), child],
