@@ -119,13 +119,14 @@ def test_a_model_vllm_refuses_is_refused_at_recipe_load(tmp_path, tiny_tokenizer
 
 
 @pytest.mark.slow
-def test_three_rl_steps_through_vllm(ray_session, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_three_rl_steps_through_vllm(ray_session, tiny_tokenizer, tmp_path, model_type):
     tok = tiny_tokenizer
-    model = tiny("qwen3_moe", vocab=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    model = tiny(model_type, vocab=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id)
     save_model(model, tok, tmp_path / "model")
     rows = three_rl_steps(tmp_path, "rollout.engine=vllm")
-    # Each step's weights reached vLLM (reloaded in place, experts re-packed) before the next rollout.
+    # Each step's weights reached vLLM (reloaded in place; a MoE's experts re-packed) before the next rollout.
     assert max(r["old_logprob_gap"] for r in rows) <= 1e-4, [r["old_logprob_gap"] for r in rows]
     assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
     assert rows[0]["rollout_start_s"] > 0

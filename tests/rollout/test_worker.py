@@ -94,8 +94,8 @@ def test_update_weights_is_versioned(workers, tiny_model_dir):
 
 def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
     """An `hf` worker (transformers' generate) gives the same records, with teacher-forced fp32 logprobs."""
-    with pytest.raises(ValidationError, match="'cispo' or 'hf'"):
-        RolloutConfig(engine="vllm")
+    with pytest.raises(ValidationError, match="'cispo', 'hf' or 'vllm'"):
+        RolloutConfig(engine="sglang")
     assert set(ENGINES) == set(typing.get_args(RolloutConfig.model_fields["engine"].annotation))
     model = load_model(tiny_model_dir).eval()
     greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(7,), repetition_tokens=100)
