@@ -35,7 +35,7 @@ def train(recipe: Recipe) -> dict:
         print(f"placement: rollout workers on nodes {sorted(set(rollout.nodes()))}, "
               f"trainer ranks on nodes {sorted(set(trainers.nodes()))}", flush=True)
         log = MetricsLog(run.path, recipe, {"data_rows_skipped": sum(source.skipped.values()),
-                                            "rollout_start_s": rollout.start_seconds(), **(
+                                            "time_rollout_start_s": rollout.start_seconds(), **(
             {"sandbox_isolation": sandbox_isolation(recipe.reward.min_isolation)} if recipe.uses_sandbox() else {})})
         cleanup.callback(log.close)
         stop = StopRequest()

@@ -112,7 +112,8 @@ class RolloutPool:
         return self.submit(requests).result()
 
     def start_seconds(self) -> float:
-        """The slowest worker's start-up: model load plus engine start (metrics: rollout_start_s)."""
+        """The slowest worker's start-up: model load plus engine start, in seconds (metrics: time_rollout_start_s,
+        named as a time so that rows compared across a resume leave it out, as they leave out every timer)."""
         return max(ray.get([w.start_seconds.remote() for w in self.workers]))
 
     def nodes(self) -> list[str]:

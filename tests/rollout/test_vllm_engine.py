@@ -129,4 +129,4 @@ def test_three_rl_steps_through_vllm(ray_session, tiny_tokenizer, tmp_path, mode
     # Each step's weights reached vLLM (reloaded in place; a MoE's experts re-packed) before the next rollout.
     assert max(r["old_logprob_gap"] for r in rows) <= 1e-4, [r["old_logprob_gap"] for r in rows]
     assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
-    assert rows[0]["rollout_start_s"] > 0
+    assert rows[0]["time_rollout_start_s"] > 0
