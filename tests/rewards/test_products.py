@@ -6,12 +6,11 @@ import random
 
 import pytest
 
-from cispo.config import load_recipe
 from cispo.env import Step, Task, load_env
 from cispo.multiturn import ChatTemplate
 from rewards import products, sandbox
+from rollout.config import ModelConfig
 from rollout.model import starting_model
-from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("text, right", [("40906863", True), (" 40906863<|im_end|>", True), ("40906863 or 1", True),
@@ -23,8 +22,9 @@ def test_the_answering_turn_scores_one_only_for_the_product_first(text, right):
 
 
 def test_a_demonstration_is_the_episode_the_chat_template_and_the_sandbox_make():
-    recipe = load_recipe(REPO / "recipes/tiny-tool.yaml", [])
-    _, tok = starting_model(recipe.model)
+    # The model section the tiny tool task needs (its recipe is not landed): a fresh preset whose character
+    # tokenizer gets ChatML's turn markers.
+    _, tok = starting_model(ModelConfig(preset="tiny", chat_template=True, seed=0))
     template = ChatTemplate(tok, tool_role=True)
     rng, seen = random.Random(3), set()
     while len(seen) < 2:
