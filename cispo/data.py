@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -199,8 +200,20 @@ class Stream:
             raise RecipeError(f"data file not found: {path}")
         self.convert = functools.partial(_prompt, fmt=fmt, columns=columns, source=source)
         self.rows = data_files.stream(self.path, columns, seed, buffer)
-        self.epoch, self.good, self.skipped = 0, 0, 0
+        self.epoch, self.read, self.good, self.skipped = 0, 0, 0, 0
         self.it = iter(self.rows)
+
+    def position(self) -> list[int]:
+        """[epoch, rows read in it (bad ones too), good rows among them, bad rows skipped in all]."""
+        return [self.epoch, self.read, self.good, self.skipped]
+
+    def seek(self, position: list[int]) -> None:
+        """Stand where `position()` was taken: the next `take` gives what it would have given then."""
+        self.epoch, self.read, self.good, self.skipped = position
+        self.rows.set_epoch(self.epoch)
+        self.it = iter(self.rows)
+        with data_files.reading(self.path):
+            next(itertools.islice(self.it, self.read, self.read), None)  # read and drop the epoch's first rows
 
     def take(self, k: int) -> list[Prompt]:
         out = []
@@ -210,10 +223,11 @@ class Stream:
             if row is None:  # the end of an epoch: the next one, in another order
                 if not self.good:
                     raise RecipeError(f"{self.path}: no good rows to stream ({self.skipped} bad rows skipped)")
-                self.epoch, self.good = self.epoch + 1, 0
+                self.epoch, self.read, self.good = self.epoch + 1, 0, 0
                 self.rows.set_epoch(self.epoch)
                 self.it = iter(self.rows)
                 continue
+            self.read += 1
             i = row.pop(data_files.ROW)
             checked = _checked(self.path, i, row.get(data_files.LINE, row), self.fmt, self.convert, self.skip_bad)
             self.skipped += checked is BAD
@@ -266,6 +280,15 @@ class PromptSource:
     @property
     def train(self) -> list[Prompt]:
         return [p for pool in self.pools.values() for p in pool]
+
+    def position(self) -> dict[str, list[int]]:
+        """Where each streamed source stands (data.streaming; empty otherwise: a file read whole is drawn
+        by step alone). A checkpoint keeps it, and `seek` puts a resumed run's streams back there."""
+        return {name: pool.position() for name, pool in self.pools.items() if isinstance(pool, Stream)}
+
+    def seek(self, position: dict[str, list[int]]) -> None:
+        for name, where in position.items():
+            self.pools[name].seek(where)
 
     def weights(self, step: int) -> dict[str, float]:
         """Each active source's weight at `step`: zero before its start_step, then ramping up to its weight."""

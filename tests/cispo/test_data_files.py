@@ -8,6 +8,7 @@ import tracemalloc
 import datasets
 import pytest
 
+from cispo import checkpoint
 from cispo.collect import encode_prompt
 from cispo.config import RecipeError, load_recipe
 from cispo.sections import DataConfig, SourceConfig
@@ -163,24 +164,33 @@ def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(r
     """One recipe mixing the three, so every step draws from each: verl's rows encoded with the chat template
     and scored by a verl compute_score routed by their data_source (any other route would be a counted
     error, and so would verl's fields not reaching it), TRL's directory and the CSV through column mappings, scored by math-verify.
-    Read whole, and read as streams (data.streaming)."""
+    Read whole, and read as streams (data.streaming); streamed, a run resumed after step 2 draws its step 3
+    where an uninterrupted source would (the checkpoint holds where each stream stands)."""
     verl, trl, csv = write_verl(tmp_path / "verl.parquet"), write_trl(tmp_path / "trl"), write_csv(tmp_path / "r.csv")
     sources = (f"[{{name: verl, format: verl, path: {verl}, eval_path: {verl}}}, "
                f"{{name: trl, path: {trl}, eval_path: {trl}, columns: {{prompt: question, answer: solution}}}}, "
                f"{{name: csv, path: {csv}, eval_path: {csv}, columns: {{source: origin}}}}]")
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [
-        f"data.sources={sources}", f"model.path={chat_model}", "data.eval_size=2", "data.prompts_per_step=12",
-        "reward.sources={openai/gsm8k: tests.rewards.user_rewards:verl_length_parity}", "rollout.n_samples=4",
-        "rollout.max_new_tokens=6", "sft.steps=0", "algorithm.dynamic_sampling=false", "run.max_steps=2",
-        "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}", f"data.streaming={streaming}"])
-    source = PromptSource(recipe.data, recipe.run.seed)
-    for step in (1, 2):  # the prompts each step trains on (the loop draws the same), from every file
-        assert {p.source for p in source.batch(step)} == {"openai/gsm8k", "trl", "csv-a", "csv-b"}
-    summary = train(recipe)
+    def recipe(run: str, steps: int, *more: str):
+        return load_recipe(REPO / "recipes/tiny-arith.yaml", [
+            f"data.sources={sources}", f"model.path={chat_model}", "data.eval_size=2", "data.prompts_per_step=12",
+            "reward.sources={openai/gsm8k: tests.rewards.user_rewards:verl_length_parity}", "rollout.n_samples=4",
+            "rollout.max_new_tokens=6", "sft.steps=0", "algorithm.dynamic_sampling=false", f"run.max_steps={steps}",
+            "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / run}", f"data.streaming={streaming}", *more])
+    first = recipe("run", 2)
+    source = PromptSource(first.data, first.run.seed)
+    drawn = [source.batch(step, stream="rl0") for step in (1, 2)]  # what steps 1-2 train on (the collector's draw)
+    assert {p.source for batch in drawn for p in batch} == {"openai/gsm8k", "trl", "csv-a", "csv-b"}  # every file
+    summary = train(first)
     rows = read_metrics(tmp_path / "run")
     assert summary["steps"] == 2 and [r["step"] for r in rows] == [1, 2]
     assert all(r["reward_error"] == 0 and r["reward_sandbox_error"] == 0 for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows)  # the verl rows' rewards differ within a group: a real update
+    if streaming:  # each checkpoint holds where the streams stand, and a resumed run draws on from there
+        assert checkpoint.latest(tmp_path / "run")[1]["streams"] == source.position()
+        train(recipe("run", 3, "run.resume=true"))
+        source.batch(3, stream="rl0")
+        assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+        assert checkpoint.latest(tmp_path / "run")[1]["streams"] == source.position()
 
 
 def test_a_streamed_file_gives_each_good_row_once_per_epoch_in_a_seeded_order(tmp_path):
@@ -198,6 +208,33 @@ def test_a_streamed_file_gives_each_good_row_once_per_epoch_in_a_seeded_order(tm
         assert [p.text for p in again.take(12)] == epoch1, name
     assert [p.source for p in Stream(tmp_path / "r.csv", "jsonl", "csv", False, {"source": "origin"}, 0, 4).take(2)] \
         != ["csv", "csv"]  # a mapped source column names each row's source, as read_rows does
+
+
+def test_a_stream_seeks_back_to_where_its_position_was_taken(tmp_path):
+    """Exact resume of a streamed source: a fresh stream put at a saved position gives the same next rows
+    as the stream that went on, mid-epoch and across an epoch's end, bad rows (on_bad_row=skip) counted alike;
+    a PromptSource's position covers each streamed source and is empty for files read whole."""
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(10)]
+    lines[4] = "{"  # a bad row: read, skipped and counted
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    def fresh():
+        return Stream(tmp_path / "r.jsonl", "jsonl", "s", True, {}, seed=5, buffer=4)
+    going = fresh()
+    for k in (3, 4, 5, 9):  # positions 3, 13, 24 and 39 good rows in: mid-epoch and just past an epoch's end
+        going.take(k)
+        saved, back = going.position(), fresh()
+        back.seek(saved)
+        assert back.position() == saved
+        assert [p.text for p in back.take(6)] == [p.text for p in going.take(6)], k
+        assert back.position() == going.position() and back.skipped == going.skipped
+    assert going.epoch == 4 and going.skipped == 5  # 45 of 9 good rows an epoch: five epochs, each read once
+    cfg = DataConfig(source="jsonl", path=str(tmp_path / "r.jsonl"), eval_path=str(tmp_path / "r.jsonl"),
+                     eval_size=2, streaming=True, shuffle_buffer=4, on_bad_row="skip")
+    source, resumed = PromptSource(cfg, 0), PromptSource(cfg, 0)
+    source.batch(1, 5)
+    resumed.seek(source.position())
+    assert [p.text for p in resumed.batch(2, 5)] == [p.text for p in source.batch(2, 5)]
+    assert PromptSource(DataConfig(**{**cfg.model_dump(), "streaming": False}), 0).position() == {}
 
 
 def test_a_streamed_bad_row_names_file_and_row_and_follows_on_bad_row(tmp_path):
