@@ -3,6 +3,7 @@ call is recorded as exact tokens, only sampled tokens train, their logprobs matc
 each bad input is a counted outcome."""
 import logging
 import math
+from itertools import accumulate
 
 import pytest
 import torch
@@ -33,7 +34,6 @@ def test_each_call_is_recorded_as_the_sampled_tokens_and_only_they_train(chat_mo
     engine = Recorder(CispoEngine(model, RolloutConfig(), tok.pad_token_id, tok))
     inputs, prompts = _inputs(tok, SamplingParams(max_new_tokens=200, temperature=1.0), n=2)
     out = Agents(recipe, tok)(inputs, engine)
-    end = tok.convert_tokens_to_ids("<|im_end|>")
     for x, group in zip(inputs, out):
         for t in group:
             assert t.status == "ok" and t.outcomes["end_done"] == 1
@@ -45,17 +45,14 @@ def test_each_call_is_recorded_as_the_sampled_tokens_and_only_they_train(chat_mo
             assert t.reward == (1.0 if any(right) else max(0.1 * any(c.isdigit() for c in s) for s in turns))
             assert [m for m, _ in runs] == ([1] if right[0] else [1, 0, 1]) and t.outcomes["turns"] == len(turns)
             assert t.outcomes["state_kept"] == len(turns) - 1 and t.outcomes["state_reprefill"] == 0
-            pos = 0
-            for m, ids in runs:
-                if m:  # exactly what one engine call sampled, from the record's tokens before it
-                    assert sum(p == t.prompt_ids + t.response_ids[:pos] and s == ids for p, s, _ in engine.turns) == 1
-                    assert len(ids) <= 6  # the agent's max_tokens
-                else:
-                    closed = "" if t.response_ids[pos - 1] == end else "<|im_end|>"
-                    assert tok.decode(ids) == f"{closed}\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n"
-                    assert t.logprobs[pos:pos + len(ids)] == [0.0] * len(ids)
-                    assert t.versions[pos:pos + len(ids)] == [-1] * len(ids)
-                pos += len(ids)
+            starts = [0, *accumulate(len(ids) for _, ids in runs)]
+            for (m, ids), pos in zip(runs, starts):
+                before = t.prompt_ids + t.response_ids[:pos]
+                # Sampled: exactly what one engine call returned for the record's tokens before it.
+                # Inserted: the template's closing of the turn and the agent's next message, untrained.
+                assert (sum(p == before and s == ids for p, s, _ in engine.turns) == 1 and len(ids) <= 6) if m else \
+                    tok.decode(ids).endswith("\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\n")
+            assert all(lp == 0.0 and v == -1 for lp, v, m in zip(t.logprobs, t.versions, t.loss_mask) if not m)
             forced = teacher_forced(model, t.prompt_ids, t.response_ids)
             trained = torch.tensor(t.loss_mask, dtype=torch.bool)
             assert (forced[trained] - torch.tensor(t.logprobs)[trained]).abs().max() <= 1e-4

@@ -1,8 +1,7 @@
 """OpenEnv environments (cispo.env.OpenEnvText), written as openenv-core's documentation shows, played in-process
 as multi-turn episodes: their rewards and observations reach the episode, only sampled tokens train with
-logprobs that match a teacher-forced forward, and an environment that fails is a counted outcome."""
-import logging
-import math
+logprobs that match a teacher-forced forward. Their 3 RL steps through a recipe and their failures as counted
+outcomes are tested in tests/cispo/test_multiturn.py, beside the Gymnasium environment's."""
 
 import pytest
 import torch
@@ -10,15 +9,13 @@ import torch
 from cispo.collect import Collector, Group, rollout_metrics
 from cispo.config import RecipeError
 from cispo.env import EnvError, Task, load_env
-from cispo.loop import train
-from cispo.metrics import read_metrics
 from cispo.multiturn import Episodes
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
 from rollout.model import load_model, load_tokenizer
 from rollout.trajectory import SamplingParams
 from tests.cispo import test_multiturn
-from tests.cispo.test_multiturn import Scripted, _inputs, _recipe, _segments
+from tests.cispo.test_multiturn import _inputs, _recipe, _segments
 from tests.rollout.reference import teacher_forced
 
 ENV = "env.name=tests.cispo.user_openenv:"
@@ -62,23 +59,6 @@ def test_an_openenv_episode_keeps_the_sampled_tokens_and_only_they_train(chat_mo
     assert rollout_metrics([Group(p, ts) for p, ts in zip(prompts, out)])["episode_turns"] >= 4
 
 
-@pytest.mark.parametrize("env, says, turns", [
-    ("RaisesInReset", "raised in reset, episode ended: ConnectionError: the task store is unreachable", 0),
-    ("RaisesInStep", "raised in step, episode ended: ValueError: the board is corrupt", 1),
-    ("StepReturnsText", "step returned a str; an OpenEnv environment returns an Observation", 1)])
-def test_an_openenv_environment_that_fails_ends_its_episode_counted_and_the_run_goes_on(chat_model_dir, caplog, env,
-                                                                                       says, turns):
-    tok = load_tokenizer(chat_model_dir)
-    recipe = _recipe(chat_model_dir, f"{ENV}{env}")
-    inputs, prompts = _inputs(tok, SamplingParams(max_new_tokens=100), n=2)
-    with caplog.at_level(logging.WARNING, logger="cispo.multiturn"):
-        out = Episodes(recipe, tok)(inputs, Scripted(tok, ["It is 3."] * 4))
-    assert says in caplog.text
-    for t in (t for ts in out for t in ts):
-        assert t.status == "env_error" and t.outcomes["end_env_error"] == 1 and t.outcomes["turns"] == turns
-    assert rollout_metrics([Group(p, ts) for p, ts in zip(prompts, out)])["episode_end_env_error"] == 4
-
-
 def test_an_openenv_action_the_model_cannot_write_is_refused_when_the_recipe_loads(chat_model_dir):
     tok = load_tokenizer(chat_model_dir)
     with pytest.raises(RecipeError) as err:
@@ -86,18 +66,3 @@ def test_an_openenv_action_the_model_cannot_write_is_refused_when_the_recipe_loa
     assert str(err.value) == ("command line: key 'env.name' = 'tests.cispo.user_openenv:GridEnvironment': "
                               "TwoFieldAction has required fields ['row', 'col']; a text action has exactly one, "
                               "which the model's turn fills")
-
-
-@pytest.mark.slow  # minutes on this loaded 2-core machine, like the Gymnasium environment's
-def test_an_openenv_environment_trains_through_a_recipe(ray_session, chat_model_dir, tmp_path):
-    train(_recipe(chat_model_dir, f"{ENV}GuessEnvironment", "env.max_turns=2", "env.max_turn_tokens=6",
-                  "rollout.max_new_tokens=48", "algorithm.dynamic_sampling=false", "sft.steps=0", "data.eval_size=4",
-                  "data.prompts_per_step=4", "rollout.n_samples=4", "run.max_steps=3", "run.threads=1",
-                  "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"))
-    rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
-        assert r["episode_end_max_turns"] + r["episode_end_done"] + r["episode_end_token_budget"] == 16
-        assert r["episode_turns"] > 16 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
-        assert r["reward_mean"] > 0  # the observations' rewards, not rescored by the recipe's math reward
-        assert abs(r["is_weight_mean"] - 1) < 0.01 and r["approx_kl"] < 1e-3
