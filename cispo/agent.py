@@ -113,7 +113,7 @@ class Agents:
             self.sessions.update(zip(tokens, flat))
             self.running, self.failed = len(flat), False
         try:
-            with ThreadPoolExecutor(len(flat), thread_name_prefix="agent") as pool:
+            with ThreadPoolExecutor(max(1, len(flat)), thread_name_prefix="agent") as pool:
                 for token, s in zip(tokens, flat):
                     pool.submit(self._run, token, s)
                 self._serve(engine)
