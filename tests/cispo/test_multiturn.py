@@ -248,7 +248,7 @@ def test_an_environment_that_cannot_load_is_one_line_naming_the_key(chat_model_d
         _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[browser]")
 
 
-@pytest.mark.slow  # 170-205 s each on this loaded 2-core machine
+@pytest.mark.slow  # 51-205 s each on this 2-core machine, by its load
 @pytest.mark.parametrize("env", ["tests.cispo.user_envs:GuessGym", "tests.cispo.user_openenv:GuessEnvironment"])
 def test_a_gymnasium_or_openenv_environment_trains_through_a_recipe(ray_session, chat_model_dir, tmp_path, env):
     train(_recipe(chat_model_dir, f"env.name={env}", "env.max_turns=2",
