@@ -87,6 +87,19 @@ def test_requests_it_cannot_serve_are_refused_and_counted(chat_model_dir):
     assert t.status == "ok" and t.outcomes["refused_request"] == 5 and t.outcomes["turns"] == 1
 
 
+@pytest.mark.parametrize("override, budget, refused", [("env.max_turns=1", 200, "max_turns"),
+                                                       ("env.max_turns=4", 12, "token_budget")])
+def test_a_call_past_the_episode_budgets_is_refused_and_counted(chat_model_dir, caplog, override, budget, refused):
+    tok = load_tokenizer(chat_model_dir)
+    recipe = _recipe(chat_model_dir, AGENT, "env.agent=tests.cispo.user_agents:guess", override)
+    inputs, _ = _inputs(tok, SamplingParams(max_new_tokens=budget), n=1)
+    with caplog.at_level(logging.WARNING, logger="cispo.agent"):  # "It is 3." does not guess 13+4: a second call
+        t = Agents(recipe, tok)(inputs[1:], Scripted(tok, ["It is 3."] * 2))[0][0]
+    assert t.outcomes[f"refused_{refused}"] == 1 and t.outcomes["turns"] == 1 and t.outcomes["end_agent_error"] == 1
+    assert {"max_turns": "the episode has made its env.max_turns=1 calls",
+            "token_budget": "the episode's token budget (rollout.max_new_tokens=12) is spent"}[refused] in caplog.text
+
+
 @pytest.mark.parametrize("agent, says", [
     ("raises", "agent 'tests.cispo.user_agents:raises' failed, episode ended: RuntimeError: the agent's tool server"),
     ("returns_text", "TypeError: returned 'correct'; an agent returns its episode's reward, a finite number"),
