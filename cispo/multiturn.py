@@ -105,6 +105,19 @@ class ChatTemplate:
                              f"template that only appends")
 
 
+def chat_template(recipe: Recipe, tok, tool_role: bool) -> ChatTemplate:
+    """The tokenizer's template, checked, for a rollout function that plays turns. RecipeError, one line naming
+    the key, without model.chat_template or a template, or for one without the prefix property."""
+    if not (recipe.model.chat_template and tok.chat_template):
+        raise RecipeError(f"{recipe.where('model.chat_template')}: multi-turn episodes need "
+                          f"model.chat_template=true and a tokenizer with a chat template: its markers tell "
+                          f"the turns apart")
+    try:
+        return ChatTemplate(tok, tool_role)
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.where('rollout.function')}: {exc}") from None
+
+
 def tool_calls(text: str) -> list[tuple[str, dict]]:
     """The (name, arguments) of each `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in a turn, in
     order. ValueError, one line, for a malformed one (unclosed, not JSON, no name or arguments)."""
@@ -213,15 +226,11 @@ class Episodes:
         except ValueError as exc:
             raise RecipeError(f"{recipe.where('env.name')}: key 'env.name' = {self.cfg.name!r}: "
                               f"{str(exc).removeprefix(f'env {self.cfg.name!r}: ')}") from None
-        if not (recipe.model.chat_template and tok.chat_template):
-            raise RecipeError(f"{recipe.where('model.chat_template')}: multi-turn episodes need "
-                              f"model.chat_template=true and a tokenizer with a chat template: its markers tell "
-                              f"the turns apart")
+        self.template = chat_template(recipe, tok, tool_role=bool(self.cfg.tools))
         try:
-            self.template = ChatTemplate(tok, tool_role=bool(self.cfg.tools))
             if self.cfg.tools:
                 sandbox.isolation(self.min_isolation)
-        except (ValueError, sandbox.SandboxUnavailable) as exc:
+        except sandbox.SandboxUnavailable as exc:
             raise RecipeError(f"{recipe.where('rollout.function')}: {exc}") from None
 
     def __call__(self, inputs: list[RolloutInput], engine) -> list[list[Trajectory]]:

@@ -219,11 +219,16 @@ class EvalConfig(Section):
 
 
 class EnvConfig(Section):
-    """Multi-turn episodes against an environment: read by `rollout.function: cispo.multiturn:Episodes`.
+    """Multi-turn episodes against an environment: read by `rollout.function: cispo.multiturn:Episodes`, and
+    (agent, max_turns, max_turn_tokens) by `cispo.agent:Agents`, where a turn is one chat-completion call.
     An episode's token budget across its turns (sampled and inserted tokens) is rollout.max_new_tokens."""
     name: str | None = Field(None, description="the environment class, 'module:Class' (cispo.env): a subclass of "
-                             "cispo.env.Environment, or a Gymnasium-style text environment; imported from the working "
-                             "directory, the recipe's directory and sys.path")
+                             "cispo.env.Environment, a Gymnasium-style text environment, or an OpenEnv Environment "
+                             "(run in-process); imported from the working directory, the recipe's directory and "
+                             "sys.path")
+    agent: str | None = Field(None, description="agent mode: the agent function, 'module:function', called as "
+                              "fn(base_url, task) once per sample; it talks to the policy with the openai client "
+                              "at base_url and returns the episode's reward (cispo.agent)")
     tools: list[Literal["python", "shell"]] = Field(default_factory=list, description="tools the model may call "
                                                     "with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>: "
                                                     "python runs its 'code' argument, shell its 'command' with /bin/sh, "

@@ -214,11 +214,14 @@ def test_tool_calls_are_parsed_or_refused_with_a_reason():
 @pytest.mark.parametrize("env, says, turns", [
     ("RaisesInReset", "raised in reset, episode ended: RuntimeError: the task server is down", 0),
     ("RaisesInStep", "raised in step, episode ended: KeyError", 1),
-    ("StepReturnsADict", "StepReturnsADict.step returned a dict; expected Step(", 1)])
+    ("StepReturnsADict", "StepReturnsADict.step returned a dict; expected Step(", 1),
+    ("user_openenv:RaisesInReset", "raised in reset, episode ended: ConnectionError: the task store is unreachable", 0),
+    ("user_openenv:RaisesInStep", "raised in step, episode ended: ValueError: the board is corrupt", 1),
+    ("user_openenv:StepReturnsText", "step returned a str; an OpenEnv environment returns an Observation", 1)])
 def test_an_environment_that_fails_ends_its_episode_counted_and_the_run_goes_on(chat_model_dir, caplog, env, says,
                                                                                 turns):
     tok = load_tokenizer(chat_model_dir)
-    recipe = _recipe(chat_model_dir, f"env.name=tests.cispo.user_envs:{env}")
+    recipe = _recipe(chat_model_dir, f"env.name=tests.cispo.{env if ':' in env else 'user_envs:' + env}")
     inputs, prompts = _inputs(tok, SamplingParams(max_new_tokens=100), n=2)
     with caplog.at_level(logging.WARNING, logger="cispo.multiturn"):
         out = Episodes(recipe, tok)(inputs, Scripted(tok, ["It is 3."] * 4))
@@ -245,9 +248,10 @@ def test_an_environment_that_cannot_load_is_one_line_naming_the_key(chat_model_d
         _recipe(chat_model_dir, "env.name=tests.cispo.user_envs:Calculator", "env.tools=[browser]")
 
 
-@pytest.mark.slow  # 170-205 s on this loaded 2-core machine
-def test_a_gymnasium_environment_trains_through_a_recipe(ray_session, chat_model_dir, tmp_path):
-    train(_recipe(chat_model_dir, "env.name=tests.cispo.user_envs:GuessGym", "env.max_turns=2",
+@pytest.mark.slow  # 51-205 s each on this 2-core machine, by its load
+@pytest.mark.parametrize("env", ["tests.cispo.user_envs:GuessGym", "tests.cispo.user_openenv:GuessEnvironment"])
+def test_a_gymnasium_or_openenv_environment_trains_through_a_recipe(ray_session, chat_model_dir, tmp_path, env):
+    train(_recipe(chat_model_dir, f"env.name={env}", "env.max_turns=2",
                   "env.max_turn_tokens=6", "rollout.max_new_tokens=48", "algorithm.dynamic_sampling=false",
                   "sft.steps=0", "data.eval_size=4", "data.prompts_per_step=4", "rollout.n_samples=4",
                   "run.max_steps=3", "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"))
