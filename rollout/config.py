@@ -46,8 +46,11 @@ PRESETS.update({
     "tiny-bailing_hybrid": dict(_TINY_MLA, model_type="bailing_hybrid", head_dim=16, n_group=1, topk_group=1,
                                 num_mtp_layers=0),
     "tiny-llama": dict(_TINY, model_type="llama", num_hidden_layers=2, intermediate_size=128, head_dim=16),
+    # The period of Nemotron-3-Nano-30B-A3B's pattern, MEMEM*E (Mamba2, MoE, attention): 3 Mamba2 layers per
+    # softmax layer, which the real models exceed (23:6 in that one, 24:4 in Nemotron-H-8B).
     "tiny-nemotron_h": dict(_TINY, model_type="nemotron_h", head_dim=16, intermediate_size=128,
-                            layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                            layers_block_type=["linear_attention", "moe"] * 2 + ["linear_attention",
+                                                                                  "full_attention", "moe"],
                             ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, chunk_size=16,
                             n_routed_experts=4, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64),
 })

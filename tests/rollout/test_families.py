@@ -1,7 +1,7 @@
 """Every linear-state family through the engine: Gated DeltaNet (Qwen3.5, Qwen3.5-MoE, Qwen3-Next), KDA
 (Kimi Linear, Ling 2.5's bailing_hybrid), Mamba2 (Nemotron-H), each a tiny random model built offline
-from its preset, in fp32.
-MiniMax (lightning) and Llama/Qwen2 (dense) are checked the same way in test_engine.py."""
+from its preset, in fp32. Greedy decoding and the fork also run on MiniMax (lightning, preset `tiny`) and
+Llama (dense); their logprob parity across joins and leaves is in test_engine.py."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
@@ -17,6 +17,9 @@ from tests.rollout.test_engine import _turns
 
 PRESETS = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-bailing_hybrid",
            "tiny-nemotron_h"]
+# Issue 18's seven families, one preset each.
+FAMILIES = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-nemotron_h", "tiny",
+            "tiny-llama"]
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 7], [1, 9, 10, 11, 12]]
 
 
@@ -47,14 +50,17 @@ def test_logprobs_match_teacher_forced_forward_across_forks_joins_and_leaves(mon
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen3_5", "tiny-kimi_linear", "tiny-nemotron_h"])
+@pytest.mark.parametrize("preset", FAMILIES)
 def test_greedy_tokens_equal_hf_generate(preset):
-    model = _model(preset)
-    ours = generate(model, [Request(p, params=SamplingParams(max_new_tokens=10, temperature=0)) for p in PROMPTS], 0)
+    # The engine as a worker runs it (decode attention and forwards, grouped-GEMM experts) against plain
+    # transformers with the same weights; prompts of mixed lengths share a batch, left-padded.
+    model, reference = _model(preset), _model(preset)
+    engine = CispoEngine(model, RolloutConfig(), pad_id=0)
+    ours = engine.generate([Request(p, params=SamplingParams(max_new_tokens=10, temperature=0)) for p in PROMPTS])
     for prompt, c in zip(PROMPTS, ours):
         ids = torch.tensor([prompt])
-        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)
+        hf = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                do_sample=False, pad_token_id=0, eos_token_id=None)
         assert c.response_ids == hf[0, len(prompt):].tolist()
 
 
@@ -90,14 +96,20 @@ def _forked_step_error(model, rows: list[int]) -> float:
     return worst
 
 
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_a_forked_row_decodes_as_its_prompt_alone(preset):
+    # One prefill serves n samples: every state the family keeps (KV, matrix, conv) is copied per row.
+    model = _model(preset)
+    use_decode_attention(model)
+    assert _forked_step_error(model, [1, 1, 0, 1]) < 1e-4
+
+
 @pytest.mark.parametrize("preset", ["tiny-qwen3_5", "tiny-kimi_linear", "tiny-nemotron_h"])
 def test_fork_copies_matrix_and_conv_state(monkeypatch, preset):
     model = _model(preset)
     slots = [s for s in new_cache(model).layers if isinstance(s, RecurrentSlot)]
     assert slots, preset
-    # A forked row decodes exactly as its prompt alone: one prefill serves n samples.
-    assert _forked_step_error(model, [1, 1, 0, 1]) < 1e-4
-    # The same fork copying only the matrix state leaves each row's conv state with the other prompt:
+    # The fork copying only the matrix state leaves each row's conv state with the other prompt:
     # the conv state carries the last 4 inputs, so forgetting it changes the next token's logits.
     monkeypatch.setattr(RecurrentSlot, "select", lambda self, rows, drop_left=0: self.recurrent_states.update(
         {i: s[rows] for i, s in self.recurrent_states.items() if s is not None}))
