@@ -63,7 +63,8 @@ class Products:
 
 def write(out_dir: str | Path, train: int = 8_000, held_out: int = 200, seed: int = 0) -> dict[str, float]:
     """JSONL rows with `prompt`, `answer`, `target` (the demonstrator's episode) and `direct` (the product
-    answered at once): `held_out` problems in eval.jsonl, `train` others in train.jsonl. Returns the demonstrator's accuracy on each file."""
+    answered at once): `held_out` problems in eval.jsonl, `train` others in train.jsonl. Returns the
+    demonstrator's accuracy on each file."""
     rng, out = random.Random(seed), Path(out_dir)
     pairs = list({(rng.randrange(1000, 10_000), rng.randrange(1000, 10_000)) for _ in range(2 * (train + held_out))})
     rng.shuffle(pairs)

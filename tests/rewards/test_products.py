@@ -17,7 +17,9 @@ from rollout.model import starting_model
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes/tiny-tool.yaml"
-SHORT = ["sft.steps=500", "run.max_steps=2", "data.prompts_per_step=8", "data.eval_size=8", "wandb.mode=disabled"]
+# The recipe's whole warm start (copying the digits right needs it: after 800 steps no episode did), then
+# 2 RL steps of 8 prompts.
+SHORT = ["run.max_steps=2", "data.prompts_per_step=8", "data.eval_size=8", "wandb.mode=disabled"]
 
 
 @pytest.mark.parametrize("text, right", [("40906863", True), (" 40906863<|im_end|>", True), ("40906863 or 1", True),
@@ -50,20 +52,21 @@ def test_a_demonstration_is_the_episode_the_chat_template_and_the_sandbox_make()
         assert demo == whole[:len(demo)] and tok.decode(whole[len(demo):]) == "\n"
 
 
-@pytest.mark.slow  # SHORT's warm start and 2 RL steps; minutes on the loaded 2-core machine
+@pytest.mark.slow  # the recipe's warm start (1500 steps): about 7 minutes on the loaded 2-core machine
 def test_the_tiny_tool_recipe_calls_the_tool_and_its_rewards_spread(ray_session, tmp_path):
-    """recipes/tiny-tool.yaml, shortened (a shorter warm start, 2 RL steps of 8 prompts): what RL learns from
-    is there. The warm start's episodes call the python tool with JSON that parses and code that runs, some
-    are right, and groups differ in reward, so steps train; the tool's output and the template's tokens
-    do not train (their IS weight would sit far from 1). That RL then lifts accuracy is the recipe's
-    claim, measured in README's Results (minutes more than a test may take)."""
+    """recipes/tiny-tool.yaml, shortened to 2 RL steps of 8 prompts: what RL learns from is there. The warm
+    start's episodes call the python tool with JSON that parses and code that runs, some answer right, and
+    groups differ in reward, so steps train; the tool's output and the template's tokens do not train
+    (their IS weight would sit far from 1). That RL then lifts held-out accuracy is the recipe's claim,
+    measured by the full run in README's Results."""
     run_dir = tmp_path / "run"
-    train(load_recipe(REPO / "recipes/tiny-tool.yaml", SHORT + [f"run.dir={run_dir}"]))
+    train(load_recipe(RECIPE, SHORT + [f"run.dir={run_dir}"]))
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         episodes = sum(r[f"episode_end_{e}"] for e in ENDS)
         ran, broken = r["episode_tool_ok"], r["episode_tool_malformed"] + r["episode_tool_error"]
-        assert ran >= episodes / 8 and broken <= ran / 4, r  # a quarter of episodes call the tool (a third, trained)
+        # The full run's step 1: 68 of 128 episodes called the tool, every call parsed and ran; reward mean 0.094.
+        assert ran >= episodes / 4 and broken <= ran / 4, r
         assert r["trained_groups"] > 0 and 0 < r["reward_mean"] < 1, r
         assert abs(r["is_weight_mean"] - 1) < 0.01 and math.isfinite(r["loss"]) and r["grad_norm"] > 0, r
