@@ -17,8 +17,8 @@ from rollout.model import starting_model
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes/tiny-tool.yaml"
-# The recipe's whole warm start (copying the digits right needs it: after 800 steps no episode did), then
-# 2 RL steps of 8 prompts.
+# The recipe's whole warm start (copying the digits right needs it: tiny-llama after 800 steps copied no
+# product right), then 2 RL steps of 8 prompts.
 SHORT = ["run.max_steps=2", "data.prompts_per_step=8", "data.eval_size=8", "wandb.mode=disabled"]
 
 
@@ -52,7 +52,7 @@ def test_a_demonstration_is_the_episode_the_chat_template_and_the_sandbox_make()
         assert demo == whole[:len(demo)] and tok.decode(whole[len(demo):]) == "\n"
 
 
-@pytest.mark.slow  # the recipe's warm start (1500 steps): about 7 minutes on the loaded 2-core machine
+@pytest.mark.slow  # the recipe's warm start (1500 steps): about 9 minutes on the loaded 2-core machine
 def test_the_tiny_tool_recipe_calls_the_tool_and_its_rewards_spread(ray_session, tmp_path):
     """recipes/tiny-tool.yaml, shortened to 2 RL steps of 8 prompts: what RL learns from is there. The warm
     start's episodes call the python tool with JSON that parses and code that runs, some answer right, and
@@ -66,7 +66,7 @@ def test_the_tiny_tool_recipe_calls_the_tool_and_its_rewards_spread(ray_session,
     for r in rows:
         episodes = sum(r[f"episode_end_{e}"] for e in ENDS)
         ran, broken = r["episode_tool_ok"], r["episode_tool_malformed"] + r["episode_tool_error"]
-        # The full run's step 1: 68 of 128 episodes called the tool, every call parsed and ran; reward mean 0.094.
+        # The full run's step 1: 64 of 128 episodes called the tool, every call parsed and ran; reward mean 0.125.
         assert ran >= episodes / 4 and broken <= ran / 4, r
         assert r["trained_groups"] > 0 and 0 < r["reward_mean"] < 1, r
         assert abs(r["is_weight_mean"] - 1) < 0.01 and math.isfinite(r["loss"]) and r["grad_norm"] > 0, r
