@@ -52,7 +52,7 @@ def test_a_demonstration_is_the_episode_the_chat_template_and_the_sandbox_make()
         assert demo == whole[:len(demo)] and tok.decode(whole[len(demo):]) == "\n"
 
 
-@pytest.mark.slow  # the recipe's warm start (1500 steps): about 9 minutes on the loaded 2-core machine
+@pytest.mark.slow  # the recipe's warm start (1500 steps): 421 s on the loaded 2-core machine
 def test_the_tiny_tool_recipe_calls_the_tool_and_its_rewards_spread(ray_session, tmp_path):
     """recipes/tiny-tool.yaml, shortened to 2 RL steps of 8 prompts: what RL learns from is there. The warm
     start's episodes call the python tool with JSON that parses and code that runs, some answer right, and
