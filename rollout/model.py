@@ -152,7 +152,8 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
 
 
 # ChatML, for a fresh character tokenizer asked to speak chat (model.chat_template): its turn markers
-# are single special tokens, and it only appends, as multi-turn episodes need (cispo.multiturn).
+# are single special tokens, and it only appends, as multi-turn episodes need (cispo.multiturn). The
+# Hermes tool-call tags are single tokens too, as in Qwen's tokenizer: a call costs its JSON only.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -167,7 +168,8 @@ def starting_model(cfg) -> tuple:
         return load_model(cfg.path), load_tokenizer(cfg.path)
     tok = build_char_tokenizer(cfg.alphabet)
     if cfg.chat_template:
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<tool_call>",
+                                                                 "</tool_call>"]})
         tok.chat_template = CHATML
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,

@@ -2,15 +2,24 @@
 the tokens an episode holds (prompt, sampled turns, the tool's real output between them), so the warm
 start imitates what episodes are made of."""
 import json
+import math
 import random
 
 import pytest
 
+from cispo.config import load_recipe
 from cispo.env import Step, Task, load_env
-from cispo.multiturn import ChatTemplate
+from cispo.loop import train
+from cispo.metrics import read_metrics
+from cispo.multiturn import ENDS, ChatTemplate
 from rewards import products, sandbox
-from rollout.config import ModelConfig
 from rollout.model import starting_model
+from tests.conftest import REPO
+
+RECIPE = REPO / "recipes/tiny-tool.yaml"
+# The recipe's whole warm start (copying the digits right needs it: tiny-llama after 800 steps copied no
+# product right), then 2 RL steps of 8 prompts.
+SHORT = ["run.max_steps=2", "data.prompts_per_step=8", "data.eval_size=8", "wandb.mode=disabled"]
 
 
 @pytest.mark.parametrize("text, right", [("40906863", True), (" 40906863<|im_end|>", True), ("40906863 or 1", True),
@@ -22,9 +31,8 @@ def test_the_answering_turn_scores_one_only_for_the_product_first(text, right):
 
 
 def test_a_demonstration_is_the_episode_the_chat_template_and_the_sandbox_make():
-    # The model section the tiny tool task needs (its recipe is not landed): a fresh preset whose character
-    # tokenizer gets ChatML's turn markers.
-    _, tok = starting_model(ModelConfig(preset="tiny", chat_template=True, seed=0))
+    # The recipe's fresh model: its character tokenizer gets ChatML's turn markers and the tool-call tags.
+    _, tok = starting_model(load_recipe(RECIPE).model)
     template = ChatTemplate(tok, tool_role=True)
     rng, seen = random.Random(3), set()
     while len(seen) < 2:
@@ -42,3 +50,23 @@ def test_a_demonstration_is_the_episode_the_chat_template_and_the_sandbox_make()
         whole = template.render(history, False)
         demo = template.start(history[:1]) + tok(target, add_special_tokens=False)["input_ids"]
         assert demo == whole[:len(demo)] and tok.decode(whole[len(demo):]) == "\n"
+
+
+@pytest.mark.slow  # the recipe's warm start (1500 steps): 421 s on the loaded 2-core machine
+def test_the_tiny_tool_recipe_calls_the_tool_and_its_rewards_spread(ray_session, tmp_path):
+    """recipes/tiny-tool.yaml, shortened to 2 RL steps of 8 prompts: what RL learns from is there. The warm
+    start's episodes call the python tool with JSON that parses and code that runs, some answer right, and
+    groups differ in reward, so steps train; the tool's output and the template's tokens do not train
+    (their IS weight would sit far from 1). That RL then lifts held-out accuracy is the recipe's claim,
+    measured by the full run in README's Results."""
+    run_dir = tmp_path / "run"
+    train(load_recipe(RECIPE, SHORT + [f"run.dir={run_dir}"]))
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        episodes = sum(r[f"episode_end_{e}"] for e in ENDS)
+        ran, broken = r["episode_tool_ok"], r["episode_tool_malformed"] + r["episode_tool_error"]
+        # The full run's step 1: 64 of 128 episodes called the tool, every call parsed and ran; reward mean 0.125.
+        assert ran >= episodes / 4 and broken <= ran / 4, r
+        assert r["trained_groups"] > 0 and 0 < r["reward_mean"] < 1, r
+        assert abs(r["is_weight_mean"] - 1) < 0.01 and math.isfinite(r["loss"]) and r["grad_norm"] > 0, r
