@@ -112,6 +112,9 @@ class Recipe(Section):
         if alike and ESTIMATORS[self.algorithm.advantage].meta["group_relative"]:
             raise ValueError(f"{alike}, so algorithm.advantage={self.algorithm.advantage} (relative to the other "
                              f"samples of the prompt) is 0 for every response; sample at least 2, differently")
+        if self.algorithm.routing_replay and r.engine != "cispo":
+            raise ValueError(f"algorithm.routing_replay needs the experts each token was routed to, which only "
+                             f"rollout.engine: cispo records, not {r.engine}")
         if self.rollout.engine == "vllm" and (why := vllm_refuses(self.model)):
             raise ValueError(f"rollout.engine=vllm: vLLM does not serve the model, {why}; use rollout.engine: cispo")
         w = self.stages.windows

@@ -66,6 +66,7 @@ from cispo.trainer import LogprobModel  # noqa: E402
 from rollout.config import ModelConfig, RolloutConfig  # noqa: E402
 from rollout.engine import CispoEngine  # noqa: E402
 from rollout.model import load_model, load_tokenizer, save_model, starting_model  # noqa: E402
+from rollout.routing import RoutingReplay, routing_rows  # noqa: E402
 from rollout.trajectory import Request, SamplingParams, Trajectory  # noqa: E402
 
 HEADS = {"bf16_head": torch.bfloat16, "fp32_head": torch.float32}
@@ -73,12 +74,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def rollout(model_dir: str | Path, trainer_state: dict, requests: list[Request], *, body_dtype: torch.dtype,
-            head_dtype: torch.dtype) -> list[Trajectory]:
+            head_dtype: torch.dtype, record_routing: bool = False) -> list[Trajectory]:
     """What a rollout worker returns for `requests`: the model loaded in `body_dtype`, the trainer's
-    weights published into it (cast to each parameter's dtype), and the engine's head in `head_dtype`."""
+    weights published into it (cast to each parameter's dtype), and the engine's head in `head_dtype`;
+    with `record_routing`, each token's MoE experts (experiments/routing_replay.py)."""
     tok = load_tokenizer(model_dir)
     engine = CispoEngine(load_model(model_dir, dtype=body_dtype), RolloutConfig(), tok.pad_token_id, tok,
-                         head_dtype=head_dtype)
+                         head_dtype=head_dtype, record_routing=record_routing)
     engine.load_weights(trainer_state, version=1)
     try:
         return engine.generate(requests)
@@ -88,8 +90,9 @@ def rollout(model_dir: str | Path, trainer_state: dict, requests: list[Request],
 
 @torch.no_grad()
 def trainer_logprobs(trainer: LogprobModel, completions: list[Trajectory],
-                     filler_id: int, rows: int = 64) -> torch.Tensor:
-    """log π of every response token [total response tokens] under the trainer's forward, in completion order.
+                     filler_id: int, rows: int = 64, replay: RoutingReplay | None = None) -> torch.Tensor:
+    """log π of every response token [total response tokens] under the trainer's forward, in completion order;
+    with `replay` (on the trainer's model), routed to the experts each completion recorded.
 
     Rows are right-padded with `filler_id`, which leaves a causal model's earlier positions unchanged.
     """
@@ -100,7 +103,11 @@ def trainer_logprobs(trainer: LogprobModel, completions: list[Trajectory],
         ids = torch.full((len(seqs), max(map(len, seqs))), filler_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
+        if replay is not None:
+            replay.set(routing_rows(chunk, ids.shape[1]), ids.shape[1])
         logp, _ = trainer(ids)  # [rows, width - 1]: position t scores token t + 1
+        if replay is not None:
+            replay.set(None)
         for i, c in enumerate(chunk):
             first = len(c.prompt_ids) - 1
             out.append(logp[i, first:first + len(c.response_ids)])
