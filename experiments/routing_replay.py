@@ -7,8 +7,8 @@ the fp32 trainer, with the trainer routing each token itself and with it replayi
   routers and once replaying the recorded experts (rollout.routing.RoutingReplay), as the trainer ranks do.
 
 Per variant it reports the figures every metrics row carries (cispo.corrections.mismatch_figures):
-KL(μ‖π) by the k3 estimator and the p99 of |Δ log π| over response tokens, and the share of (token, MoE layer)
-choices where the trainer's own top-k differs from the rollout's (`routing_differs`).
+KL(μ‖π) by the k3 estimator and the p99 of |Δ log π| over response tokens, and their mean |Δ log π|; and the
+share of (token, MoE layer) choices where the trainer's own top-k differs from the rollout's (`routing_differs`).
 
     python experiments/routing_replay.py [--model DIR] [--preset tiny] [--num-prompts 64] [--n 4]
         [--max-new-tokens 32] [--threads 1]
@@ -51,7 +51,8 @@ def measure(model_dir: str | Path, requests: list[Request], body_dtype: torch.dt
     for name, replay in (("own_routing", None), ("replayed", RoutingReplay(trainer.causal_lm))):
         pi = trainer_logprobs(trainer, completions, tok.eos_token_id, rows=rows, replay=replay).unsqueeze(0)
         f = mismatch_figures(pi, mu, ones, ones)
-        figures[name] = {"mismatch_kl": f["mismatch_kl"], "mismatch_logprob_p99": f["mismatch_logprob_p99"]}
+        figures[name] = {"mismatch_kl": f["mismatch_kl"], "mismatch_logprob_p99": f["mismatch_logprob_p99"],
+                         "mean_abs_logprob_diff": float((pi - mu).abs().mean())}
         if replay is None:  # the trainer's own top-k against the recorded one, per (token, MoE layer)
             own = recorder.take()
             recorded = routing_rows(completions, own.shape[0] // rows).flatten(0, 1)

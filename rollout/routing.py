@@ -17,25 +17,22 @@ from __future__ import annotations
 
 import torch
 
+from rollout.config import ROUTING_REPLAY_TYPES
 from rollout.families import family_of
-
-# MoE blocks whose `gate` is a softmax top-k router returning (router logits, top-k weights, top-k indices).
-REPLAYABLE = ("MiniMaxSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock", "Qwen3NextSparseMoeBlock")
 
 
 def routers(model) -> list[torch.nn.Module]:
-    """The router of each MoE layer of `model`, in layer order.
+    """The router (`gate`) of each MoE block of `model`, in layer order.
 
-    Raises ValueError when the model has no MoE layer, or MoE blocks whose router this module does not
-    replay (naming the block and the ones it does)."""
+    Raises ValueError naming the model type and the covered ones (rollout.config.ROUTING_REPLAY_TYPES) when
+    the model is not one of them, or has no MoE layer."""
+    kind = model.config.model_type
+    if kind not in ROUTING_REPLAY_TYPES:
+        raise ValueError(f"routing replay does not cover model type {kind!r}; it covers {', '.join(ROUTING_REPLAY_TYPES)}")
     moe_blocks = family_of(model.config).moe_blocks
     blocks = [m for m in model.modules() if type(m).__name__ in moe_blocks]
     if not blocks:
-        raise ValueError(f"routing replay needs an MoE model; {model.config.model_type} has no MoE layer")
-    for block in blocks:
-        if type(block).__name__ not in REPLAYABLE:
-            raise ValueError(f"routing replay does not cover {type(block).__name__} ({model.config.model_type}); "
-                             f"it covers {', '.join(REPLAYABLE)}")
+        raise ValueError(f"routing replay needs an MoE model; this {kind} model has no MoE layer")
     return [block.gate for block in blocks]
 
 

@@ -71,10 +71,12 @@ def test_replay_takes_the_experts_and_the_routers_own_renormalized_weights():
 
 
 def test_replay_refuses_models_it_does_not_cover_and_a_mismatched_forward():
-    with pytest.raises(ValueError, match="needs an MoE model"):
-        RoutingRecorder(build_model("tiny-llama", 32))
-    with pytest.raises(ValueError, match="does not cover NemotronHMoE"):
+    with pytest.raises(ValueError, match="needs an MoE model; this qwen3_moe model has no MoE layer"):
+        RoutingRecorder(build_model("tiny-llama", 32, **QWEN3_MOE, mlp_only_layers=[0, 1]))  # both layers dense
+    with pytest.raises(ValueError, match="does not cover model type 'nemotron_h'"):
         RoutingReplay(build_model("tiny-nemotron_h", 32))
+    with pytest.raises(RecipeError, match="does not cover model type 'llama'"):
+        load_recipe(REPO / "recipes/tiny-arith.yaml", ["algorithm.routing_replay=true", "model.preset=tiny-llama"])
     model = _model("minimax")
     replay = RoutingReplay(model)
     replay.set(torch.zeros(1, 4, len(routers(model)), 2, dtype=torch.int16), 5)
