@@ -56,6 +56,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -171,27 +172,27 @@ def plot(logprobs: dict, stats: dict, out: Path, title: str, body_dtype: str) ->
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sampling_args(ap: argparse.ArgumentParser, *, num_prompts: int, n: int, max_new_tokens: int) -> None:
+    """The options that pick the model, the prompts and their sampling (experiments/routing_replay.py has them too)."""
     ap.add_argument("--model", help="HF model directory (e.g. RUN_DIR/final); default: a fresh random --preset")
-    ap.add_argument("--preset", default="tiny", help="build_hybrid preset for the random model")
+    ap.add_argument("--preset", default="tiny", help="rollout.config preset for the random model")
     ap.add_argument("--seed", type=int, default=0, help="the random model's init seed; request seeds follow it")
     ap.add_argument("--prompts", default="data/countdown/eval.jsonl", help="jsonl with a 'prompt' field per line")
-    ap.add_argument("--num-prompts", type=int, default=128)
-    ap.add_argument("--n", type=int, default=8, help="responses per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--num-prompts", type=int, default=num_prompts)
+    ap.add_argument("--n", type=int, default=n, help="responses per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--body-dtype", choices=list(DTYPES), default="bf16", help="the rollout workers' weight dtype")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("runs/fp32_head.png"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
+
+@contextmanager
+def model_and_requests(args):
+    """(model directory, requests) from `sampling_args`' options, within the block: --model, or a fresh random
+    --preset saved to a temporary directory; exits with a one-line message for a missing file or directory."""
     path = Path(args.prompts)
     if not path.is_file():
         sys.exit(f"--prompts {path}: no such file (python -m rewards.countdown data/countdown writes the default)")
     lines = path.read_text().splitlines()[:args.num_prompts]
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -202,8 +203,19 @@ def main() -> None:
         tok = load_tokenizer(model_dir)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 stop_token_ids=(tok.eos_token_id,))
-        requests = [Request(tok(json.loads(line)["prompt"])["input_ids"], n=args.n, seed=args.seed + i, params=params)
-                    for i, line in enumerate(lines)]
+        yield model_dir, [Request(tok(json.loads(line)["prompt"])["input_ids"], n=args.n, seed=args.seed + i,
+                                  params=params) for i, line in enumerate(lines)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sampling_args(ap, num_prompts=128, n=8, max_new_tokens=16)
+    ap.add_argument("--body-dtype", choices=list(DTYPES), default="bf16", help="the rollout workers' weight dtype")
+    ap.add_argument("--out", type=Path, default=Path("runs/fp32_head.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    with model_and_requests(args) as (model_dir, requests):
         logprobs = measure(model_dir, requests, DTYPES[args.body_dtype])
     stats = {name: agreement(lp["rollout"], lp["trainer"]) for name, lp in logprobs.items()}
     model = args.model or f"random {args.preset} (seed {args.seed})"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,11 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cispo.corrections import mismatch_figures  # noqa: E402
 from cispo.trainer import LogprobModel  # noqa: E402
-from experiments.fp32_head import rollout, trainer_logprobs  # noqa: E402
-from rollout.config import ModelConfig  # noqa: E402
-from rollout.model import load_model, load_tokenizer, save_model, starting_model  # noqa: E402
+from experiments.fp32_head import model_and_requests, rollout, sampling_args, trainer_logprobs  # noqa: E402
+from rollout.model import load_model, load_tokenizer  # noqa: E402
 from rollout.routing import RoutingRecorder, RoutingReplay, routing_rows  # noqa: E402
-from rollout.trajectory import Request, SamplingParams  # noqa: E402
+from rollout.trajectory import Request  # noqa: E402
 
 
 def measure(model_dir: str | Path, requests: list[Request], body_dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -65,32 +63,16 @@ def measure(model_dir: str | Path, requests: list[Request], body_dtype: torch.dt
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF MoE model directory (e.g. RUN_DIR/final); default: a fresh random --preset")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--seed", type=int, default=0, help="the random model's init seed; request seeds follow it")
-    ap.add_argument("--prompts", default="data/countdown/eval.jsonl", help="jsonl with a 'prompt' field per line")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--n", type=int, default=4, help="responses per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    sampling_args(ap, num_prompts=64, n=4, max_new_tokens=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lines = Path(args.prompts).read_text().splitlines()[:args.num_prompts]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            model_dir = tmp
-            save_model(*starting_model(ModelConfig(preset=args.preset, seed=args.seed)), tmp)
-        tok = load_tokenizer(model_dir)
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, stop_token_ids=(tok.eos_token_id,))
-        requests = [Request(tok(json.loads(line)["prompt"])["input_ids"], n=args.n, seed=args.seed + i, params=params)
-                    for i, line in enumerate(lines)]
+    with model_and_requests(args) as (model_dir, requests):
         figures = measure(model_dir, requests)
     print(json.dumps({"model": args.model or f"random {args.preset} (seed {args.seed})", "rollout_dtype": "bf16",
                       "trainer_dtype": "fp32", "prompts": len(requests), "n": args.n,
-                      "max_new_tokens": args.max_new_tokens, "threads": args.threads, **figures,
-                      "seconds": round(time.perf_counter() - t0, 1)}))
+                      "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                      "threads": args.threads, **figures, "seconds": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":
