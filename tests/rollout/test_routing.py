@@ -7,6 +7,7 @@ from cispo.config import RecipeError, load_recipe
 from rollout.engine import generate
 from rollout.model import build_model
 from rollout.routing import RoutingRecorder, RoutingReplay, routers, routing_rows
+from rollout.states import KeptStates
 from rollout.trajectory import Request, SamplingParams, Trajectory
 from tests.conftest import REPO
 
@@ -104,3 +105,23 @@ def test_replaying_the_bf16_rollouts_experts_lowers_the_fp32_trainers_kl(tiny_mo
     own, replayed = figures["own_routing"], figures["replayed"]
     assert own["routing_differs"] > 0  # bf16 flipped some of the trainer's top-k choices
     assert replayed["mismatch_kl"] < own["mismatch_kl"]
+
+
+def test_a_turn_from_a_kept_session_state_records_only_the_tokens_it_prefills():
+    model = _model("minimax")
+    recorder, kept = RoutingRecorder(model), KeptStates(limit=4)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    [first] = generate(model, [Request(PROMPTS[0], seed=1, params=params, session=9)], pad_id=0, kept=kept,
+                       recorder=recorder)
+    history = first.prompt_ids + first.response_ids + [3, 4]  # the turn's tokens, then a tool's
+    [second] = generate(model, [Request(history, seed=2, params=params, session=9)], pad_id=0, kept=kept,
+                        recorder=recorder)
+    assert second.outcomes["state_kept"] == 1
+    fed = len(PROMPTS[0]) + len(first.response_ids) - 1  # the kept state's tokens: not prefilled again
+    assert (second.routing[:fed] == -1).all()
+    with torch.no_grad():
+        model(torch.tensor([second.prompt_ids + second.response_ids]))
+    own = recorder.take()[:-1]
+    assert torch.equal(own[fed:].sort(-1).values, second.routing[fed:].sort(-1).values)
+    first.extend(second)  # the episode's routing: the first turn's where the second has none
+    assert torch.equal(first.routing[:fed].sort(-1).values, own[:fed].sort(-1).values)
