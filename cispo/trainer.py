@@ -327,8 +327,8 @@ class TrainerGroup:
         return {**merge_rank_figures(stats), "updates": len(plans),
                 "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"],
                 # The share of fed input tokens whose experts the trainer replays (the rest it routes itself).
-                **({} if batch.routing is None else
-                   {"routing_replayed_fraction": float((batch.routing[..., 0, 0] >= 0).sum() / (batch.lengths - 1).sum())}),
+                **({} if batch.routing is None else {"routing_replayed_fraction": float(
+                    (batch.routing[..., 0, 0] >= 0).sum() / (batch.lengths - 1).sum())}),
                 # Weights of version step - 1 are the ones this step trains from.
                 **staleness_histogram(batch.versions, batch.loss_mask, current_version=step - 1)}
 

@@ -28,7 +28,8 @@ def routers(model) -> list[torch.nn.Module]:
     the model is not one of them, or has no MoE layer."""
     kind = model.config.model_type
     if kind not in ROUTING_REPLAY_TYPES:
-        raise ValueError(f"routing replay does not cover model type {kind!r}; it covers {', '.join(ROUTING_REPLAY_TYPES)}")
+        raise ValueError(f"routing replay does not cover model type {kind!r}; it covers "
+                         f"{', '.join(ROUTING_REPLAY_TYPES)}")
     moe_blocks = family_of(model.config).moe_blocks
     blocks = [m for m in model.modules() if type(m).__name__ in moe_blocks]
     if not blocks:
