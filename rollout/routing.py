@@ -2,9 +2,10 @@
 forward routes every token to those experts instead of its own router's top-k.
 
 Why: bf16 rollout weights (or any numerics apart from the trainer's) flip near-tied top-k choices, and a
-token routed to other experts gets a different log-probability, a mismatch no IS weight can tell from
-learning signal. Replaying the sampler's experts removes that part of KL(μ‖π) ("Stabilizing MoE RL by
-aligning training and inference routers", R3; prime-rl measured 0.0015 -> 0.0002-0.0005 on Qwen3-30B-A3B).
+token routed to other experts gets a different log-probability, a mismatch that IS corrections can only
+reweight or mask. Replaying the sampler's experts removes that part of KL(μ‖π) ("Stabilizing MoE RL by
+aligning training and inference routers", R3; prime-rl measured 0.0015 -> 0.0002-0.0005 on Qwen3-30B-A3B;
+ours in README, "The trainer", and experiments/routing_replay.py).
 The gate weights still come from the trainer's router: its softmax probabilities at the replayed experts,
 renormalized as the router renormalizes its own top-k (as verl's router replay does), so the router keeps
 its gradient.
