@@ -16,6 +16,7 @@ from cispo.advantages import advantages
 from cispo.config import AlgorithmConfig, TrainerConfig
 from cispo.loss import token_weights
 from cispo.sampling import overlong
+from rollout.routing import routing_rows
 
 
 @dataclass
@@ -32,7 +33,9 @@ class TrainBatch:
     - versions [B, T-1] long, the weight version that sampled each response token (rollout.trajectory),
       -1 for a token the policy did not sample, 0 elsewhere;
     - weights [B, T-1] float or None, per-token loss weights of the whole minibatch (set by `shard`);
-    - correction [B, T-1] float or None, the mismatch correction's factor (cispo.corrections; set on the rank).
+    - correction [B, T-1] float or None, the mismatch correction's factor (cispo.corrections; set on the rank);
+    - routing [B, T-1, MoE layers, k] int16 or None, the experts the rollout routed each input token to
+      (input_ids[:, :-1]; -1 where not recorded), for MoE routing replay (rollout.routing).
     """
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
@@ -43,11 +46,12 @@ class TrainBatch:
     versions: torch.Tensor
     weights: torch.Tensor | None = None
     correction: torch.Tensor | None = None
+    routing: torch.Tensor | None = None
 
     def rows(self, index, width: int | None = None) -> TrainBatch:
         """The rows `index`, cut to `width` tokens (default: all)."""
         width = width or self.input_ids.shape[1]
-        cut = lambda t: t if t is None else t[index][:, :width - 1] if t.dim() == 2 else t[index]
+        cut = lambda t: t if t is None else t[index][:, :width - 1] if t.dim() >= 2 else t[index]
         return TrainBatch(self.input_ids[index][:, :width], *(cut(getattr(self, f.name)) for f in fields(self)[1:]))
 
     def to(self, device) -> TrainBatch:
@@ -151,7 +155,8 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], filler_id: int) -> TrainBa
 def rl_batch(groups: list, algorithm: AlgorithmConfig, max_new_tokens: int, filler_id: int) -> TrainBatch:
     """The training batch of one step's kept groups (cispo.collect.Group): the recipe's overlong rule
     (against the step's `max_new_tokens`), advantages (Eq. 2 or the recipe's estimator), and from each
-    trajectory its loss mask, its rollout logprobs as π_old and its tokens' weight versions."""
+    trajectory its loss mask, its rollout logprobs as π_old and its tokens' weight versions, and with
+    `algorithm.routing_replay` its recorded routing (-1 where a trajectory has none)."""
     a = algorithm
     trajectories = [t for g in groups for t in g.trajectories]
     rewards, keep = overlong(torch.cat([g.rewards for g in groups]), [t.finish_reason for t in trajectories],
@@ -166,6 +171,8 @@ def rl_batch(groups: list, algorithm: AlgorithmConfig, max_new_tokens: int, fill
         batch.loss_mask[i, span] = torch.tensor(t.loss_mask, dtype=batch.loss_mask.dtype) * keep[i]
         batch.old_logprobs[i, span] = torch.tensor(t.logprobs)
         batch.versions[i, span] = torch.tensor(t.versions)
+    if a.routing_replay:
+        batch.routing = routing_rows(trajectories, batch.loss_mask.shape[1])
     batch.group_index = group_index
     batch.advantages = advantages(rewards, group_index, a.advantage, valid=valid)
     return batch

@@ -304,7 +304,8 @@ def running_collector(recipe: Recipe, model_dir: str):
     r = recipe.rollout
     rollout = RolloutPool.start(r.num_workers, str(model_dir), tok.pad_token_id,
                                 r.model_copy(update={"threads": r.threads or recipe.run.threads}),
-                                options=recipe.resources.rollout.ray_options())
+                                options=recipe.resources.rollout.ray_options(),
+                                record_routing=recipe.algorithm.routing_replay)
     try:
         with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as scorer, \
                 closing(Collector(recipe, tok, rollout, scorer)) as collector:

@@ -15,7 +15,7 @@ from cispo.sections import (AlgorithmConfig, DataConfig, EnvConfig, EvalConfig, 
                             RunConfig, SFTConfig, StagesConfig, TrainerConfig, WandbConfig)
 from rewards.config import RewardConfig
 from rewards.plugins import import_function
-from rollout.config import ModelConfig, RolloutConfig, vllm_refuses
+from rollout.config import ROUTING_REPLAY_TYPES, ModelConfig, RolloutConfig, model_type, vllm_refuses
 
 
 class Recipe(Section):
@@ -112,6 +112,12 @@ class Recipe(Section):
         if alike and ESTIMATORS[self.algorithm.advantage].meta["group_relative"]:
             raise ValueError(f"{alike}, so algorithm.advantage={self.algorithm.advantage} (relative to the other "
                              f"samples of the prompt) is 0 for every response; sample at least 2, differently")
+        if self.algorithm.routing_replay and r.engine != "cispo":
+            raise ValueError(f"algorithm.routing_replay needs the experts each token was routed to, which only "
+                             f"rollout.engine: cispo records, not {r.engine}")
+        if self.algorithm.routing_replay and model_type(self.model) not in (None, *ROUTING_REPLAY_TYPES):
+            raise ValueError(f"algorithm.routing_replay does not cover model type {model_type(self.model)!r}; it "
+                             f"covers {', '.join(ROUTING_REPLAY_TYPES)}")
         if self.rollout.engine == "vllm" and (why := vllm_refuses(self.model)):
             raise ValueError(f"rollout.engine=vllm: vLLM does not serve the model, {why}; use rollout.engine: cispo")
         w = self.stages.windows

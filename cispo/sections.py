@@ -105,6 +105,10 @@ class AlgorithmConfig(LossConfig, CorrectionConfig):
         "rollout", description="π_old of the IS weight: the rollout engine's logprobs, or the trainer's own forward "
                                "before the first update (one more forward per step; logs old_logprob_gap, the "
                                "train/inference mismatch M1 §3.2 fixed with the fp32 head)")
+    routing_replay: bool = Field(False, description="MoE routing replay (R3): the rollout engine records each "
+                                 "token's experts per MoE layer and the trainer's forward uses them instead of its "
+                                 "router's top-k, gate weights still from its router (rollout/routing.py); needs "
+                                 "rollout.engine: cispo and a MiniMax, Qwen3-MoE, Qwen3.5-MoE or Qwen3-Next model")
 
     @model_validator(mode="after")
     def _correction_needs_both_logprobs(self):

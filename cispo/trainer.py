@@ -19,6 +19,7 @@ from cispo.section import RecipeError
 from cispo.sections import OptimConfig, TrainerConfig
 from rollout.families import family_of
 from rollout.model import load_model, token_logprobs
+from rollout.routing import RoutingReplay
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -68,15 +69,15 @@ class Trainer:
     """One DeepSpeed rank. It gets the recipe's values it reads, by name, never the whole recipe (whose
     validation would import every reward, the code sandbox included): its sections `trainer`, `optim`
     and `loss` (cispo.loss.LossConfig, keys under `algorithm`), `correction` (cispo.corrections), and
-    `old_logprobs`, `sft_lr`, `seed`, `threads`. `search` holds the directories a user's 'module:function' loss is imported from;
+    `old_logprobs`, `routing_replay`, `sft_lr`, `seed`, `threads`. `search` holds the directories a user's 'module:function' loss is imported from;
     `total_updates` is the run's count of RL optimizer steps, where a cosine schedule reaches 0."""
 
     def __init__(self, model_dir: str, rank: int, world_size: int, *, trainer: TrainerConfig, optim: OptimConfig,
-                 loss: LossConfig, correction: CorrectionConfig, old_logprobs: str, sft_lr: float, seed: int,
-                 threads: int, search: list[str], total_updates: int):
+                 loss: LossConfig, correction: CorrectionConfig, old_logprobs: str, routing_replay: bool,
+                 sft_lr: float, seed: int, threads: int, search: list[str], total_updates: int):
         self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
         self.trainer, self.optim, self.loss, self.old_logprobs = trainer, optim, loss, old_logprobs
-        self.correction = correction
+        self.correction, self.routing_replay = correction, routing_replay
         self.sft_lr, self.seed, self.threads, self.search = sft_lr, seed, threads, search
         self.skipped_steps = 0
         self.rl_updates, self.total_updates = 0, total_updates  # drive the RL learning rate (OptimConfig.lr_at)
@@ -118,6 +119,18 @@ class Trainer:
         if t.zero_stage == 3:
             deepspeed.zero.register_external_parameter(self.engine.module, causal_lm.lm_head.weight)
         self.causal_lm = causal_lm
+        self.replay = RoutingReplay(causal_lm) if self.routing_replay else None
+
+    def _forward(self, mb: TrainBatch, temperature: float):
+        """(log π, entropy) of `mb`'s targets, routed as the rollout was when routing replay is on; the replay
+        stays set until `_forward_done`, since activation checkpointing reruns the forward in the backward."""
+        if self.replay is not None:
+            self.replay.set(mb.routing, mb.input_ids.shape[1])
+        return self.engine(mb.input_ids, temperature)
+
+    def _forward_done(self) -> None:
+        if self.replay is not None:
+            self.replay.set(None)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -134,10 +147,11 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             mb = mb.to(self.engine.device)
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            logp, entropy = self.engine(mb.input_ids, temperature)
+            logp, entropy = self._forward(mb, temperature)
             per_token, mb_figures = per_token_loss(logp, mb)
             loss = (per_token * mb.weights * (1 if mb.correction is None else mb.correction)).sum()
             self.engine.backward(loss * self.world_size)
+            self._forward_done()
             loss_sum += loss.item()
             on = mb.loss_mask.bool()
             logprobs.append(logp.detach()[on].cpu())
@@ -197,7 +211,8 @@ class Trainer:
         absolute difference over response tokens and the mismatch figures."""
         trainer, rollout, factors = [], [], []
         for mb in (mb for micro_batches in updates for mb in micro_batches):
-            logp, _ = self.engine(mb.input_ids.to(self.engine.device), temperature)
+            logp, _ = self._forward(mb.to(self.engine.device), temperature)
+            self._forward_done()
             recomputed = logp.cpu() * mb.loss_mask
             mb.correction = correction_factor(self.correction, recomputed, mb.old_logprobs, mb.loss_mask)
             on = mb.loss_mask.bool()
@@ -273,7 +288,8 @@ class TrainerGroup:
         a, run = recipe.algorithm, recipe.run
         trainers = cls(recipe, [actor.remote(model_dir, r, size, trainer=recipe.trainer, optim=recipe.optim,
                                              loss=a.loss_section(), correction=a.correction_section(),
-                                             old_logprobs=a.old_logprobs, sft_lr=recipe.sft.lr,
+                                             old_logprobs=a.old_logprobs, routing_replay=a.routing_replay,
+                                             sft_lr=recipe.sft.lr,
                                              seed=run.seed, threads=run.threads, search=recipe.search_dirs(),
                                              total_updates=run.max_steps * a.updates_per_batch)
                                 for r in range(size)], group)
@@ -310,6 +326,9 @@ class TrainerGroup:
                          for r, rank in enumerate(self.ranks)])
         return {**merge_rank_figures(stats), "updates": len(plans),
                 "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"],
+                # The share of fed input tokens whose experts the trainer replays (the rest it routes itself).
+                **({} if batch.routing is None else {"routing_replayed_fraction": float(
+                    (batch.routing[..., 0, 0] >= 0).sum() / (batch.lengths - 1).sum())}),
                 # Weights of version step - 1 are the ones this step trains from.
                 **staleness_histogram(batch.versions, batch.loss_mask, current_version=step - 1)}
 

@@ -56,6 +56,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ from cispo.trainer import LogprobModel  # noqa: E402
 from rollout.config import ModelConfig, RolloutConfig  # noqa: E402
 from rollout.engine import CispoEngine  # noqa: E402
 from rollout.model import load_model, load_tokenizer, save_model, starting_model  # noqa: E402
+from rollout.routing import RoutingReplay, routing_rows  # noqa: E402
 from rollout.trajectory import Request, SamplingParams, Trajectory  # noqa: E402
 
 HEADS = {"bf16_head": torch.bfloat16, "fp32_head": torch.float32}
@@ -73,12 +75,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def rollout(model_dir: str | Path, trainer_state: dict, requests: list[Request], *, body_dtype: torch.dtype,
-            head_dtype: torch.dtype) -> list[Trajectory]:
+            head_dtype: torch.dtype, record_routing: bool = False) -> list[Trajectory]:
     """What a rollout worker returns for `requests`: the model loaded in `body_dtype`, the trainer's
-    weights published into it (cast to each parameter's dtype), and the engine's head in `head_dtype`."""
+    weights published into it (cast to each parameter's dtype), and the engine's head in `head_dtype`;
+    with `record_routing`, each token's MoE experts (experiments/routing_replay.py)."""
     tok = load_tokenizer(model_dir)
     engine = CispoEngine(load_model(model_dir, dtype=body_dtype), RolloutConfig(), tok.pad_token_id, tok,
-                         head_dtype=head_dtype)
+                         head_dtype=head_dtype, record_routing=record_routing)
     engine.load_weights(trainer_state, version=1)
     try:
         return engine.generate(requests)
@@ -88,8 +91,9 @@ def rollout(model_dir: str | Path, trainer_state: dict, requests: list[Request],
 
 @torch.no_grad()
 def trainer_logprobs(trainer: LogprobModel, completions: list[Trajectory],
-                     filler_id: int, rows: int = 64) -> torch.Tensor:
-    """log π of every response token [total response tokens] under the trainer's forward, in completion order.
+                     filler_id: int, rows: int = 64, replay: RoutingReplay | None = None) -> torch.Tensor:
+    """log π of every response token [total response tokens] under the trainer's forward, in completion order;
+    with `replay` (on the trainer's model), routed to the experts each completion recorded.
 
     Rows are right-padded with `filler_id`, which leaves a causal model's earlier positions unchanged.
     """
@@ -100,7 +104,11 @@ def trainer_logprobs(trainer: LogprobModel, completions: list[Trajectory],
         ids = torch.full((len(seqs), max(map(len, seqs))), filler_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
+        if replay is not None:
+            replay.set(routing_rows(chunk, ids.shape[1]), ids.shape[1])
         logp, _ = trainer(ids)  # [rows, width - 1]: position t scores token t + 1
+        if replay is not None:
+            replay.set(None)
         for i, c in enumerate(chunk):
             first = len(c.prompt_ids) - 1
             out.append(logp[i, first:first + len(c.response_ids)])
@@ -164,27 +172,27 @@ def plot(logprobs: dict, stats: dict, out: Path, title: str, body_dtype: str) ->
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sampling_args(ap: argparse.ArgumentParser, *, num_prompts: int, n: int, max_new_tokens: int) -> None:
+    """The options that pick the model, the prompts and their sampling (experiments/routing_replay.py has them too)."""
     ap.add_argument("--model", help="HF model directory (e.g. RUN_DIR/final); default: a fresh random --preset")
-    ap.add_argument("--preset", default="tiny", help="build_hybrid preset for the random model")
+    ap.add_argument("--preset", default="tiny", help="rollout.config preset for the random model")
     ap.add_argument("--seed", type=int, default=0, help="the random model's init seed; request seeds follow it")
     ap.add_argument("--prompts", default="data/countdown/eval.jsonl", help="jsonl with a 'prompt' field per line")
-    ap.add_argument("--num-prompts", type=int, default=128)
-    ap.add_argument("--n", type=int, default=8, help="responses per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--num-prompts", type=int, default=num_prompts)
+    ap.add_argument("--n", type=int, default=n, help="responses per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--body-dtype", choices=list(DTYPES), default="bf16", help="the rollout workers' weight dtype")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("runs/fp32_head.png"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
+
+@contextmanager
+def model_and_requests(args):
+    """(model directory, requests) from `sampling_args`' options, within the block: --model, or a fresh random
+    --preset saved to a temporary directory; exits with a one-line message for a missing file or directory."""
     path = Path(args.prompts)
     if not path.is_file():
         sys.exit(f"--prompts {path}: no such file (python -m rewards.countdown data/countdown writes the default)")
     lines = path.read_text().splitlines()[:args.num_prompts]
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -195,8 +203,19 @@ def main() -> None:
         tok = load_tokenizer(model_dir)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 stop_token_ids=(tok.eos_token_id,))
-        requests = [Request(tok(json.loads(line)["prompt"])["input_ids"], n=args.n, seed=args.seed + i, params=params)
-                    for i, line in enumerate(lines)]
+        yield model_dir, [Request(tok(json.loads(line)["prompt"])["input_ids"], n=args.n, seed=args.seed + i,
+                                  params=params) for i, line in enumerate(lines)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sampling_args(ap, num_prompts=128, n=8, max_new_tokens=16)
+    ap.add_argument("--body-dtype", choices=list(DTYPES), default="bf16", help="the rollout workers' weight dtype")
+    ap.add_argument("--out", type=Path, default=Path("runs/fp32_head.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    with model_and_requests(args) as (model_dir, requests):
         logprobs = measure(model_dir, requests, DTYPES[args.body_dtype])
     stats = {name: agreement(lp["rollout"], lp["trainer"]) for name, lp in logprobs.items()}
     model = args.model or f"random {args.preset} (seed {args.seed})"

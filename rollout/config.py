@@ -157,3 +157,17 @@ def vllm_refuses(model: ModelConfig) -> str | None:
     else:
         archs = [] if "model_type" in PRESETS[model.preset] else ["MiniMaxForCausalLM"]
     return next((f"{a} ({VLLM_REFUSES[a]})" for a in archs if a in VLLM_REFUSES), None)
+
+
+# Model types whose MoE routers routing replay covers (rollout.routing): softmax top-k routers that return
+# (router logits, top-k weights, top-k indices).
+ROUTING_REPLAY_TYPES = ("minimax", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
+
+
+def model_type(model: ModelConfig) -> str | None:
+    """The transformers model type `model` names: its preset's (MiniMax where the preset names none), or
+    model.path's config.json's; None where that file does not exist here (a recipe for a cluster)."""
+    if model.path:
+        config = Path(model.path) / "config.json"
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return {**PRESETS[model.preset], **model.overrides}.get("model_type", "minimax")

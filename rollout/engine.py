@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from rollout.config import RolloutConfig
 from rollout.kernels import use_fla_lightning
 from rollout.model import head_logits, new_cache, use_decode_attention
+from rollout.routing import RoutingRecorder
 from rollout.states import KeptStates, StateCache
 from rollout.sampling import sample, seed_key, uniforms
 from rollout.trajectory import Request, SamplingParams, Trajectory
@@ -41,6 +42,7 @@ class _Sample:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
+    routing: list[torch.Tensor] = field(default_factory=list)  # [positions, MoE layers, k] chunks, when recorded
 
     def ends_with_stop_string(self, decode) -> bool:
         # Checked after every token, so a stop string can only end at the newest one: decoding as
@@ -226,9 +228,11 @@ def _admit(queue: deque, requests: list[Request], live: int, max_batch_rows: int
 
 
 def _admit_rows(model, batch: _Batch | None, joining: list[int], requests: list[Request], samples, pad_id: int,
-                stops: int, head_dtype, kept: KeptStates | None, resumed: set[int]) -> _Batch:
+                stops: int, head_dtype, kept: KeptStates | None, resumed: set[int],
+                recorder: RoutingRecorder | None) -> _Batch:
     """Prefill the joining requests into the batch: those with a kept session state from it (grouped by
-    how many new tokens they have), the others whole. Adds the resumed ones to `resumed`."""
+    how many new tokens they have), the others whole. Adds the resumed ones to `resumed`. With `recorder`,
+    each sample starts its routing with its prompt's, -1 over a kept state's tokens (not prefilled here)."""
     states = {q: kept.take(requests[q].session, requests[q].prompt_ids) for q in joining} if kept else {}
     groups: dict[int, list[int]] = {}
     for q in (q for q in joining if states.get(q)):
@@ -242,6 +246,15 @@ def _admit_rows(model, batch: _Batch | None, joining: list[int], requests: list[
         reqs, smps = [requests[q] for q in qs], [samples[q] for q in qs]
         new = (_prefill(model, reqs, smps, pad_id, stops, head_dtype) if rows is None
                else _resume(model, reqs, smps, rows, stops, head_dtype))
+        if recorder is not None:
+            routing = recorder.take()
+            routing = routing.view(len(qs), -1, *routing.shape[1:])  # [requests, prefilled width, layers, k]
+            for j, (r, group) in enumerate(zip(reqs, smps)):
+                fed = len(r.prompt_ids) if rows is None else routing.shape[1]  # left padding is not the prompt's
+                prompt = torch.cat([routing.new_full((len(r.prompt_ids) - fed, *routing.shape[2:]), -1),
+                                    routing[j, routing.shape[1] - fed:]])
+                for s in group:
+                    s.routing.append(prompt)
         batch = _join(batch, new)
     return batch
 
@@ -260,7 +273,7 @@ def _keep_finished(batch: _Batch, requests: list[Request], kept: KeptStates) -> 
 @torch.no_grad()
 def generate(model, requests: list[Request], pad_id: int, weight_version: int = 0,
              max_batch_rows: int = 256, decode=None, head_dtype: torch.dtype = torch.float32,
-             kept: KeptStates | None = None) -> list[Trajectory]:
+             kept: KeptStates | None = None, recorder: RoutingRecorder | None = None) -> list[Trajectory]:
     """Generate every request's n samples; returns trajectories in request order, then sample order,
     each token tagged `weight_version`.
 
@@ -272,7 +285,9 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
 
     With `kept`, a request that names a session keeps its state there when it finishes, and one whose
     prompt extends its session's kept tokens prefills only the rest; its trajectory's
-    `outcomes["state_kept"]` is 1 then, 0 when it prefilled its whole prompt. Raises ValueError if a
+    `outcomes["state_kept"]` is 1 then, 0 when it prefilled its whole prompt. With `recorder` (on this
+    model), each trajectory's `routing` holds the experts of every token fed to the model: the prompt, at
+    prefill, and each sampled token but the last, at decode (rollout.routing). Raises ValueError if a
     request has stop strings and no `decode` (token ids -> text) is given, or names a session with n != 1.
     """
     if decode is None and any(r.params.stop_strings for r in requests):
@@ -286,7 +301,8 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
     while queue or batch:
         joining = _admit(queue, requests, len(batch.samples) if batch else 0, max_batch_rows)
         if joining:
-            batch = _admit_rows(model, batch, joining, requests, samples, pad_id, stops, head_dtype, kept, resumed)
+            batch = _admit_rows(model, batch, joining, requests, samples, pad_id, stops, head_dtype, kept, resumed,
+                                recorder)
         tokens, keep = _step(batch, decode)
         if kept is not None:
             _keep_finished(batch, requests, kept)
@@ -296,7 +312,11 @@ def generate(model, requests: list[Request], pad_id: int, weight_version: int = 
             batch.logits = decode_step(model, batch.cache, batch.mask, batch.next_pos,
                                        tokens[torch.tensor(keep, device=tokens.device)], head_dtype)
             batch.next_pos = batch.next_pos + 1
-    out = [Trajectory.sampled(requests[s.q].prompt_ids, s.tokens, s.logprobs, s.finish, weight_version)
+            if recorder is not None:
+                for s, routing in zip(batch.samples, recorder.take().unsqueeze(1)):
+                    s.routing.append(routing)
+    out = [Trajectory.sampled(requests[s.q].prompt_ids, s.tokens, s.logprobs, s.finish, weight_version,
+                              torch.cat(s.routing) if s.routing else None)
            for group in samples for s in group]
     for t, s in zip(out, (s for group in samples for s in group)):
         if requests[s.q].session is not None:
@@ -334,12 +354,14 @@ class CispoEngine(Engine):
     MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
     CUDA a MiniMax model's lightning attention runs fla's kernels (rollout.kernels).
     `head_dtype=torch.bfloat16` keeps the head in bf16 instead, as M1 had it before its fix; only
-    experiments/fp32_head.py asks for it.
+    experiments/fp32_head.py asks for it. `record_routing` records each token's experts in its trajectory
+    (MoE routing replay, rollout.routing; a ValueError for a model it does not cover).
     """
 
     def __init__(self, model, config: RolloutConfig, pad_id: int, tokenizer=None,
-                 head_dtype: torch.dtype = torch.float32):
+                 head_dtype: torch.dtype = torch.float32, record_routing: bool = False):
         super().__init__(model, config, pad_id, tokenizer)
+        self.recorder = RoutingRecorder(self.model) if record_routing else None
         use_decode_attention(self.model)
         self.head_dtype = head_dtype
         self.kept = KeptStates(config.max_kept_sessions)
@@ -358,7 +380,7 @@ class CispoEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Trajectory]:
         return generate(self.model, requests, self.pad_id, self.version, self.config.max_batch_rows,
                         decode=self._text if self.tokenizer is not None else None, head_dtype=self.head_dtype,
-                        kept=self.kept if self.config.max_kept_sessions else None)
+                        kept=self.kept if self.config.max_kept_sessions else None, recorder=self.recorder)
 
     def load_weights(self, state_dict: dict, version: int) -> None:
         super().load_weights(state_dict, version)

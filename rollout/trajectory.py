@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass
@@ -59,6 +63,9 @@ class Trajectory:
     leaves them; its status env_error means the environment failed, so the sample does not train.
     `outcomes` counts what happened in the sample (a multi-turn episode's turns, tool results, why it
     ended), summed over a draw into the rollout metrics as `episode_<name>`.
+    `routing`, when the engine recorded it (MoE routing replay, rollout.routing), is a tensor
+    [len(prompt_ids) + R - 1, MoE layers, k] of the experts each token fed to the model was routed to (every
+    token but the last, which is never fed), -1 where not recorded; None otherwise.
     """
     prompt_ids: list[int]
     response_ids: list[int]
@@ -69,19 +76,28 @@ class Trajectory:
     reward: float | None = None
     status: str | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
+    routing: Tensor | None = None
 
     @classmethod
     def sampled(cls, prompt_ids: list[int], response_ids: list[int], logprobs: list[float], finish_reason: str,
-                version: int) -> Trajectory:
+                version: int, routing: Tensor | None = None) -> Trajectory:
         """An engine's sample: every token sampled by weights `version`, every token trains."""
         n = len(response_ids)
-        return cls(list(prompt_ids), list(response_ids), list(logprobs), [1] * n, [version] * n, finish_reason)
+        return cls(list(prompt_ids), list(response_ids), list(logprobs), [1] * n, [version] * n, finish_reason,
+                   routing=routing)
 
     def extend(self, other: Trajectory) -> None:
-        """Append `other`'s response tokens (a later call continuing this sample): its finish reason wins."""
+        """Append `other`'s response tokens (a later call continuing this sample, whose prompt is this
+        sample's tokens so far): its finish reason wins, and so does its routing, which re-prefilled the
+        earlier tokens, except where it has none recorded (a kept session's tokens)."""
         for name in ("response_ids", "logprobs", "loss_mask", "versions"):
             getattr(self, name).extend(getattr(other, name))
         self.finish_reason = other.finish_reason
+        if other.routing is not None:
+            if self.routing is not None:
+                n = min(len(self.routing), len(other.routing))
+                other.routing[:n] = other.routing[:n].where(other.routing[:n] >= 0, self.routing[:n])
+            self.routing = other.routing
 
     def insert(self, token_ids: list[int]) -> None:
         """Append tokens the policy did not sample (a tool's output): no logprob, no loss, version -1."""

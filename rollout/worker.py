@@ -31,7 +31,7 @@ class RolloutWorker:
     ENGINES and its name in rollout.config's `engine`; recipes then choose it by `rollout.engine`.
     """
 
-    def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig):
+    def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig, record_routing: bool = False):
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
         torch.set_num_threads(config.threads or os.cpu_count())
         # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours. The
@@ -44,7 +44,8 @@ class RolloutWorker:
         t0 = time.perf_counter()
         model = load_model(model_dir, dtype=dtype, device=self.device)
         # Stop strings are matched on text, so the engine gets the tokenizer saved beside the model.
-        self.engine = ENGINES[config.engine](model, config, pad_id, load_tokenizer(model_dir))
+        extra = {"record_routing": True} if record_routing else {}  # only our engine records (MoE routing replay)
+        self.engine = ENGINES[config.engine](model, config, pad_id, load_tokenizer(model_dir), **extra)
         self.start_s = time.perf_counter() - t0  # model load and engine start-up (vLLM's is seconds)
 
     def generate(self, requests: list[Request]) -> list[Trajectory]:
@@ -96,12 +97,13 @@ class RolloutPool:
 
     @classmethod
     def start(cls, num_workers: int, model_dir: str, pad_id: int, config: RolloutConfig,
-              options: dict | None = None) -> RolloutPool:
+              options: dict | None = None, record_routing: bool = False) -> RolloutPool:
         """`config` picks each worker's engine, dtype, threads and batch rows; `options` are Ray actor
-        options (CPUs, GPUs, a node resource that places the workers)."""
+        options (CPUs, GPUs, a node resource that places the workers); `record_routing` has the engine
+        (rollout.engine.CispoEngine) record each token's MoE experts for routing replay."""
         # Not waited on here, so that the caller's other actors start alongside (3-6 s each).
         actor = RolloutWorker.options(**(options or {}))
-        return cls([actor.remote(model_dir, pad_id, config) for _ in range(num_workers)])
+        return cls([actor.remote(model_dir, pad_id, config, record_routing) for _ in range(num_workers)])
 
     def submit(self, requests: list[Request]) -> Rollout:
         """Start generating `requests` on the workers and return at once; `.result()` waits."""

@@ -54,3 +54,16 @@ def test_staleness_histogram_counts_response_tokens_by_age():
     versions = torch.tensor([[7, 7, 6, 4, 0]])
     assert staleness_histogram(versions, MASK, current_version=7) == {"staleness_0": 2, "staleness_1": 1,
                                                                       "staleness_3": 1}
+
+
+def test_tis_scales_each_tokens_cispo_gradient_by_hand():
+    # The ranks' loss is Σ_t w_t · c_t · ℓ_t (cispo.trainer): with π_θ = π_old (the first update) CISPO's weight
+    # is 1, so token t's gradient is −c_t · A / N, c_t = min(π_old/μ, 2) = 0.25, 1, 2, 2 on the mask.
+    from cispo.loss import LOSSES, LossConfig, token_weights
+
+    cfg = LossConfig(name="cispo", eps_high=4.0)
+    logp = TRAINER.clone().requires_grad_(True)
+    factor = correction_factor(CorrectionConfig(correction="tis", tis_cap=2.0), TRAINER, ROLLOUT, MASK)
+    per_token, _ = LOSSES["cispo"].fn(logp, TRAINER, torch.tensor([0.5]), MASK, group_index=None, cfg=cfg)
+    (per_token * token_weights(MASK, "group") * factor).sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([-0.25 * 0.5 / 4, -0.5 / 4, -2 * 0.5 / 4, -2 * 0.5 / 4, 0.0])

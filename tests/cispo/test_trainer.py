@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from cispo.batching import TrainBatch, pad_rows
+from cispo.batching import TrainBatch, pad_rows, rl_batch as build_rl_batch
+from cispo.collect import Group
 from cispo.config import RecipeError, load_recipe
 from cispo.export import trained_model
 from cispo.trainer import TrainerGroup, merge_rank_figures
@@ -44,6 +45,36 @@ def test_trainer_learns_and_publishes_versioned_weights(ray_session, tiny_model_
     finally:
         trainers.shutdown()
         pool.shutdown()
+
+
+def test_routing_replay_lowers_the_ranks_measured_mismatch_with_bf16_rollouts(ray_session, tiny_model_dir,
+                                                                           tiny_tokenizer):
+    """algorithm.routing_replay end to end: bf16 rollout workers record each token's experts, the batch carries
+    them, and the ranks' π_old (old_logprobs: recompute, before any update) replays them."""
+    tok = tiny_tokenizer
+    pool = RolloutPool.start(1, str(tiny_model_dir), tok.pad_token_id, RolloutConfig(threads=2, dtype="bf16"),
+                             record_routing=True)
+    try:
+        params = SamplingParams(max_new_tokens=24)
+        out = pool.generate([Request([1, 4 + i, 9, 12 + i], n=4, seed=i, params=params) for i in range(6)])
+    finally:
+        pool.shutdown()
+    for i, t in enumerate(out):
+        t.reward, t.status = float(i % 2), "ok"
+    groups = [Group(None, out[4 * i:4 * i + 4]) for i in range(6)]
+    figures = {}
+    for replay in ("false", "true"):
+        recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["run.threads=2", "algorithm.old_logprobs=recompute",
+                                                                "algorithm.updates_per_batch=2",
+                                                                f"algorithm.routing_replay={replay}"])
+        batch = build_rl_batch(groups, recipe.algorithm, 24, tok.eos_token_id)
+        trainers = TrainerGroup.start(recipe, str(tiny_model_dir))
+        try:
+            figures[replay] = trainers.train(batch, step=1)
+        finally:
+            trainers.shutdown()
+    assert figures["true"]["routing_replayed_fraction"] == 1.0 and "routing_replayed_fraction" not in figures["false"]
+    assert figures["true"]["mismatch_kl"] < figures["false"]["mismatch_kl"]
 
 
 @pytest.fixture(scope="module")
