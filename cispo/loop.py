@@ -43,7 +43,7 @@ def train(recipe: Recipe) -> dict:
 
         pending = None  # a step collected ahead (rollout.overlap), restored from the checkpoint on resume
         if run.resume_from:
-            acc_start, first_step, pending = run.restore(trainers, collector, log)
+            acc_start, first_step, pending = run.restore(trainers, collector, log, source)
         else:
             if recipe.sft.steps:
                 warm_start(collector, source, trainers, rollout, stop)
@@ -89,7 +89,7 @@ def train(recipe: Recipe) -> dict:
                                  **rollout_metrics(first), **sampling, **stats, **evaluated,
                                  "rollout_worker_failures": rollout.failures, **timer.seconds()}))
             if step % recipe.run.save_every == 0 or step == recipe.run.max_steps or stop.requested:
-                run.save(trainers, step, acc_start, collector, pending)
+                run.save(trainers, step, acc_start, collector, pending, source)
             if stop.requested:
                 print(f"stopped by {stop.requested} after step {step}; resume with run.resume=true", flush=True)
                 return {"interrupted": stop.requested, "steps": step}

@@ -219,6 +219,28 @@ def test_a_streamed_bad_row_names_file_and_row_and_follows_on_bad_row(tmp_path):
         Stream(tmp_path / "all-bad.jsonl", "jsonl", "s", True, {}, 0, 100).take(1)
 
 
+def test_a_streamed_source_resumes_at_its_checkpointed_position_without_a_prompt_skipped_or_repeated(tmp_path):
+    """A stream is stateful (its next rows), not a function of the step: a resumed run must go on from the
+    position its checkpoint holds (JSON, as the checkpoint's marker keeps it), across epochs and bad rows."""
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(11)] + ["{"]  # a bad row
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="jsonl", path=str(tmp_path / "r.jsonl"), eval_path=str(tmp_path / "r.jsonl"),
+                     eval_size=1, streaming=True, shuffle_buffer=4, on_bad_row="skip")
+    whole = PromptSource(cfg, 5)
+    seen = [[p.text for p in whole.batch(step, 4)] for step in range(1, 9)]  # 32 draws: about 3 epochs of 11
+    for stop in (2, 3, 5):  # mid-epoch, at an epoch's end, past two epochs
+        first = PromptSource(cfg, 5)
+        before = [[p.text for p in first.batch(step, 4)] for step in range(1, stop + 1)]
+        position = json.loads(json.dumps(first.position()))
+        resumed = PromptSource(cfg, 5)
+        resumed.seek(position)
+        after = [[p.text for p in resumed.batch(step, 4)] for step in range(stop + 1, 9)]
+        assert before + after == seen, stop
+        assert resumed.position() == whole.position(), stop  # the bad row's count too (data_rows_skipped)
+    drawn = [t for batch in seen for t in batch]
+    assert all(sorted(drawn[e * 11:(e + 1) * 11]) == sorted(f"{i}+1=" for i in range(11)) for e in range(2))
+
+
 def test_a_streamed_file_is_read_as_drawn(tmp_path):
     """For files larger than memory: drawing 4 prompts from a 16 MB JSONL stream holds about the shuffle
     buffer's rows (50 of 2000, 8 kB each), where reading it whole holds every line; a PromptSource with
