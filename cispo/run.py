@@ -113,7 +113,11 @@ def start_ray(recipe: Recipe) -> None:
     else:
         actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
         with signals_left_to_parent():
-            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
+            # Ray puts each worker in a process group of its own, which keeps it from starting a session:
+            # without that, each actor leads a session, so that the kernel schedules it as a job of its own
+            # (rollout.worker.own_session); an actor's child processes still end with it (Ray's default).
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True,
+                     _system_config={"process_group_cleanup_enabled": False})
 
 
 class StopRequest:

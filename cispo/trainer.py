@@ -19,6 +19,7 @@ from cispo.section import RecipeError
 from cispo.sections import OptimConfig, TrainerConfig
 from rollout.families import family_of
 from rollout.model import load_model, token_logprobs
+from rollout.worker import own_session
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -74,6 +75,7 @@ class Trainer:
     def __init__(self, model_dir: str, rank: int, world_size: int, *, trainer: TrainerConfig, optim: OptimConfig,
                  loss: LossConfig, correction: CorrectionConfig, old_logprobs: str, sft_lr: float, seed: int,
                  threads: int, search: list[str], total_updates: int):
+        own_session()  # its own CPU share, apart from the rollout workers' (rollout.worker.own_session)
         self.model_dir, self.rank, self.world_size = model_dir, rank, world_size
         self.trainer, self.optim, self.loss, self.old_logprobs = trainer, optim, loss, old_logprobs
         self.correction = correction

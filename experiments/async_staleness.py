@@ -1,6 +1,7 @@
 """Does asynchronous training at staleness 2 end where synchronous training does? tiny-countdown over seeds.
 
-For each seed, one warm start (the recipe's SFT, `run.max_steps=0`) and from it two RL runs of equal steps:
+One warm start (the recipe's SFT with seed 0, `run.max_steps=0`), and from it, for each seed (its RL
+sampling and prompt order), two RL runs of equal steps:
 - synchronous: the recipe as it is (rollout.max_staleness=0);
 - asynchronous: `rollout.overlap=true` (step t + 1 generates while step t trains) and
   `rollout.partial_tokens=4` (a response of more than 4 tokens pauses and continues next step under new
@@ -14,7 +15,8 @@ fewer groups; `trained_groups` is in the table.
 
     python experiments/async_staleness.py [--seeds 0 1 2] [--steps 100] [--runs runs/async-staleness]
 
-Each run lives in RUNS/seed-S/{warm,sync,async}; one whose summary.json is there is read, not run again.
+The runs live in RUNS/warm and RUNS/seed-S/{sync,async}; one whose summary.json is there is read, not
+run again.
 Prints a markdown table and one JSON line.
 """
 from __future__ import annotations
@@ -52,12 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, default=REPO / "runs/async-staleness")
     args = ap.parse_args(argv)
     out = {}
+    run(args.runs / "warm", "run.max_steps=0")
     for seed in args.seeds:
-        root = args.runs / f"seed-{seed}"
-        run(root / "warm", f"run.seed={seed}", "run.max_steps=0")
         for mode, extra in MODES.items():
-            out[seed, mode] = run(root / mode, f"run.seed={seed}", f"run.max_steps={args.steps}", "sft.steps=0",
-                                  f"model.path={root / 'warm' / 'final'}", *extra)
+            out[seed, mode] = run(args.runs / f"seed-{seed}" / mode, f"run.seed={seed}", f"run.max_steps={args.steps}",
+                                  "sft.steps=0", f"model.path={args.runs / 'warm' / 'final'}", *extra)
     lines = ["| seed | before RL | sync after | async after | sync trained groups/step | async trained groups/step | "
              "async tokens 2 versions old |", "|---|---|---|---|---|---|---|"]
     for seed in args.seeds:

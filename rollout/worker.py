@@ -20,6 +20,19 @@ from rollout.vllm_engine import VLLMEngine
 ENGINES = {"cispo": CispoEngine, "hf": HFGenerateEngine, "vllm": VLLMEngine}
 
 
+def own_session() -> None:
+    """Make this actor process the leader of a session of its own. Linux's autogroup scheduler
+    (kernel.sched_autogroup_enabled, on by default) gives each session one fair share of the CPU: on a
+    machine other jobs load, a rollout worker and a trainer rank in the controller's session split that
+    one share, so a rollout overlapping training (rollout.overlap) ran little faster than the two one
+    after the other (benchmarks/async_throughput.py). A worker of a Ray that leads its own process group
+    (Ray's process_group_cleanup, which cispo.run turns off for the Ray it starts) cannot; it stays put."""
+    try:
+        os.setsid()
+    except PermissionError:
+        pass
+
+
 @ray.remote
 class RolloutWorker:
     """One model replica behind the engine that `config.engine` names.
@@ -32,6 +45,7 @@ class RolloutWorker:
     """
 
     def __init__(self, model_dir: str, pad_id: int, config: RolloutConfig):
+        own_session()
         # Ray sets OMP_NUM_THREADS=1 in actors; rollout and training alternate, so take every core.
         torch.set_num_threads(config.threads or os.cpu_count())
         # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs, so the first visible one is ours. The

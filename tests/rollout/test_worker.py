@@ -138,3 +138,18 @@ def test_dead_worker_requests_rerun_on_survivor(workers, tiny_model_dir):
     assert _view(out) == _view(expected)
     pool.update_weights(load_model(tiny_model_dir).state_dict(), version=9)  # a dead worker is skipped
     assert {v for c in pool.generate(requests[:1]) for v in c.versions} == {9}
+
+
+def test_own_session_makes_a_process_lead_a_session_unless_it_leads_a_process_group():
+    """rollout.worker.own_session: an actor becomes a session leader, so the kernel's autogroup scheduler
+    gives it a CPU share of its own; a process that already leads its process group cannot, and stays."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    check = "import os; from rollout.worker import own_session; own_session(); print(os.getsid(0) == os.getpid())"
+    run = lambda **kw: subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                                      cwd=REPO, **kw).stdout
+    assert run() == "True\n"
+    assert run(preexec_fn=os.setpgrp) == "False\n"
