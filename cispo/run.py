@@ -115,7 +115,8 @@ def start_ray(recipe: Recipe) -> None:
         with signals_left_to_parent():
             # Ray puts each worker in a process group of its own, which keeps it from starting a session:
             # without that, each actor leads a session, so that the kernel schedules it as a job of its own
-            # (rollout.worker.own_session); an actor's child processes still end with it (Ray's default).
+            # (rollout.worker.own_session); a worker's children still end with it when it exits
+            # (Ray's kill_child_processes_on_worker_exit, on by default).
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True,
                      _system_config={"process_group_cleanup_enabled": False})
 

@@ -42,7 +42,8 @@ def run(run_dir: Path, *overrides: str) -> dict:
         subprocess.run([sys.executable, "-m", "cispo.cli", "train", RECIPE, f"run.dir={run_dir}", "wandb.mode=disabled",
                         *overrides], cwd=REPO, check=True)
         (run_dir / "load.json").write_text(json.dumps([load, os.getloadavg()[0]]))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"  # none after a warm start alone
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     return {**json.loads((run_dir / "summary.json").read_text()), "rows": rows,
             "load": statistics.fmean(json.loads((run_dir / "load.json").read_text()))}
 
