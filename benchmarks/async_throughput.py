@@ -17,10 +17,13 @@ first budget/chunk + 1 steps fill its pipeline and are left out, and so is the l
 figures are over the steps between.
 
 Trained tokens/s = response tokens trained (the rows' staleness_* counts) / the steps' wall time.
+With `--repeats R` the three run R times, interleaved (so that the other work on a shared machine weighs
+on each mode alike); each figure is the median over the repeats, each ratio the median of the repeats'
+ratios, and the 1-minute load average around every run is reported.
 
 Then a cluster simulation (`simulate`), its assumptions stated in its docstring and in the JSON line.
 
-    python benchmarks/async_throughput.py [--steps 12] [--budget 128] [--chunk 32] [--threads 1]
+    python benchmarks/async_throughput.py [--steps 12] [--budget 128] [--chunk 32] [--threads 1] [--repeats 1]
 
 Prints one JSON line with the three modes' figures and their ratios to synchronous.
 """
@@ -48,14 +51,16 @@ def measure(mode: list[str], args, run_dir: str) -> dict:
         f"run.threads={args.threads}", "sft.steps=0", "data.eval_size=4", "data.prompts_per_step=16",
         "rollout.n_samples=8", f"rollout.max_new_tokens={args.budget}", "rollout.repetition_tokens=1",
         f"rollout.repetition_prob={args.stop_prob}", "algorithm.dynamic_sampling=false", "wandb.mode=disabled", *mode])
+    load = os.getloadavg()[0]
     train(recipe)
+    load = (load + os.getloadavg()[0]) / 2
     rows = read_metrics(run_dir)[args.skip:-1]  # the last step also evaluates
     tokens = sum(v for r in rows for k, v in r.items() if k.startswith("staleness_"))
     wall = sum(r["time_step_s"] for r in rows)
     return {"trained_tokens_per_s": round(tokens / wall, 1), "step_s_median": round(statistics.median(
         r["time_step_s"] for r in rows), 2), "trained_tokens": tokens, "wall_s": round(wall, 1),
         "max_staleness_seen": max((int(k.split("_")[1]) for r in rows for k in r if k.startswith("staleness_")),
-                                  default=0)}
+                                  default=0), "load": round(load, 1)}
 
 
 def simulate(recipe_path: str, budget: int, chunk: int, steps: int = 200, seed: int = 0) -> dict:
@@ -120,6 +125,7 @@ def main() -> None:
     ap.add_argument("--stop-prob", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per actor (run.threads)")
     ap.add_argument("--skip", type=int, default=None, help="first steps left out (default: budget/chunk + 1)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each mode, interleaved; figures are medians")
     args = ap.parse_args()
     chunks = math.ceil(args.budget / args.chunk)
     args.skip = chunks + 1 if args.skip is None else args.skip
@@ -128,13 +134,18 @@ def main() -> None:
              "async_partial": [f"rollout.partial_tokens={args.chunk}", "rollout.overlap=true",
                                f"rollout.max_staleness={chunks}"]}
     root = tempfile.mkdtemp(prefix="async-throughput-")
-    figures = {name: measure(mode, args, os.path.join(root, name)) for name, mode in modes.items()}
-    base = figures["synchronous"]["trained_tokens_per_s"]
+    runs = [{name: measure(mode, args, os.path.join(root, f"{name}-{i}")) for name, mode in modes.items()}
+            for i in range(args.repeats)]
+    median = lambda values: round(statistics.median(values), 2)
+    figures = {name: {k: median(run[name][k] for run in runs) for k in runs[0][name]} for name in modes}
     line = {"budget": args.budget, "chunk": args.chunk, "steps": args.steps, "measured_steps": args.steps - args.skip - 1,
-            "threads_per_actor": args.threads, "cpus": os.cpu_count(),
+            "threads_per_actor": args.threads, "cpus": os.cpu_count(), "repeats": args.repeats,
             **{f"{name}_{k}": v for name, f in figures.items() for k, v in f.items()},
-            **{f"{name}_vs_synchronous": round(f["trained_tokens_per_s"] / base, 2)
-               for name, f in figures.items() if name != "synchronous"},
+            **{f"{name}_vs_synchronous": median(run[name]["trained_tokens_per_s"] / run["synchronous"]["trained_tokens_per_s"]
+                                                for run in runs) for name in modes if name != "synchronous"},
+            "vs_synchronous_each_repeat": {name: [round(run[name]["trained_tokens_per_s"] /
+                                                        run["synchronous"]["trained_tokens_per_s"], 2) for run in runs]
+                                           for name in modes if name != "synchronous"},
             **simulate(os.path.join(REPO, "recipes/m1-40k.yaml"), budget=40_000, chunk=8_000)}
     print(json.dumps(line))
 

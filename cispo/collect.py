@@ -7,6 +7,7 @@ which data source.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,6 +83,8 @@ def rollout_metrics(groups: list[Group]) -> dict:
             "finish_length_fraction": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
             "finish_repetition_fraction": sum(t.finish_reason == "repetition" for t in trajectories) / len(trajectories),
             "zero_spread_groups": sum(not has_spread(g.rewards[g.valid]) for g in groups),
+            # Which prompts, in order: two runs' rows show a prompt skipped or seen twice (e.g. across a resume).
+            "prompts_digest": hashlib.blake2b("\0".join(g.prompt.text for g in groups).encode(), digest_size=8).hexdigest(),
             # exp(−mean token logprob) of the tokens that train: the 80k stage rule waits for it to settle.
             "response_perplexity": math.exp(-sum(map(sum, trained)) / max(1, sum(map(len, trained)))),
             **{f"reward_{k}": statuses.count(k) for k in ("error", "timeout", "sandbox_error")},

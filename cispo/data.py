@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import random
 import re
@@ -200,20 +199,24 @@ class Stream:
             raise RecipeError(f"data file not found: {path}")
         self.convert = functools.partial(_prompt, fmt=fmt, columns=columns, source=source)
         self.rows = data_files.stream(self.path, columns, seed, buffer)
-        self.epoch, self.read, self.good, self.skipped = 0, 0, 0, 0
+        self.epoch, self.good, self.skipped, self.read = 0, 0, 0, 0  # read: rows drawn from this epoch
         self.it = iter(self.rows)
 
     def position(self) -> list[int]:
-        """[epoch, rows read in it (bad ones too), good rows among them, bad rows skipped in all]."""
+        """Where the stream stands, for a checkpoint: [epoch, rows read in it, good rows among them,
+        bad rows skipped so far]."""
         return [self.epoch, self.read, self.good, self.skipped]
 
     def seek(self, position: list[int]) -> None:
-        """Stand where `position()` was taken: the next `take` gives what it would have given then."""
-        self.epoch, self.read, self.good, self.skipped = position
+        """Back to a `position()`: epoch e's order again, its first rows read past unconverted (the shuffle
+        buffer's order is fixed by seed and epoch, so they are the rows drawn before), so a resumed run
+        neither repeats nor skips a prompt."""
+        self.epoch, read, self.good, self.skipped = position
         self.rows.set_epoch(self.epoch)
-        self.it = iter(self.rows)
+        self.it, self.read = iter(self.rows), read
         with data_files.reading(self.path):
-            next(itertools.islice(self.it, self.read, self.read), None)  # read and drop the epoch's first rows
+            for _ in range(read):
+                next(self.it)
 
     def take(self, k: int) -> list[Prompt]:
         out = []
@@ -223,7 +226,7 @@ class Stream:
             if row is None:  # the end of an epoch: the next one, in another order
                 if not self.good:
                     raise RecipeError(f"{self.path}: no good rows to stream ({self.skipped} bad rows skipped)")
-                self.epoch, self.read, self.good = self.epoch + 1, 0, 0
+                self.epoch, self.good, self.read = self.epoch + 1, 0, 0
                 self.rows.set_epoch(self.epoch)
                 self.it = iter(self.rows)
                 continue
@@ -238,8 +241,9 @@ class Stream:
 
 
 class PromptSource:
-    """Train and held-out eval prompts of every source; `batch(step)` depends only on (seed, stream, step),
-    so resume is exact. Which sources a batch draws from, and in what shares, follows the curriculum."""
+    """Train and held-out eval prompts of every source. `batch(step)` depends only on (seed, stream, step)
+    for a pool read whole, and a streamed pool's place is `position()`, which checkpoints hold, so resume
+    is exact. Which sources a batch draws from, and in what shares, follows the curriculum."""
 
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -277,18 +281,18 @@ class PromptSource:
             splits.append(rows)
         return splits[0], splits[1]
 
-    @property
-    def train(self) -> list[Prompt]:
-        return [p for pool in self.pools.values() for p in pool]
-
     def position(self) -> dict[str, list[int]]:
-        """Where each streamed source stands (data.streaming; empty otherwise: a file read whole is drawn
-        by step alone). A checkpoint keeps it, and `seek` puts a resumed run's streams back there."""
+        """The data position beyond the step, for a checkpoint: each streamed source's `Stream.position()`
+        (a pool read whole is drawn by step alone, so it has none)."""
         return {name: pool.position() for name, pool in self.pools.items() if isinstance(pool, Stream)}
 
     def seek(self, position: dict[str, list[int]]) -> None:
-        for name, where in position.items():
-            self.pools[name].seek(where)
+        for name, at in position.items():
+            self.pools[name].seek(at)
+
+    @property
+    def train(self) -> list[Prompt]:
+        return [p for pool in self.pools.values() for p in pool]
 
     def weights(self, step: int) -> dict[str, float]:
         """Each active source's weight at `step`: zero before its start_step, then ramping up to its weight."""

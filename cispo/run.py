@@ -57,20 +57,20 @@ class RunDir:
              source=None) -> None:
         """A checkpoint of every rank and the controller's step (written aside, fsynced, renamed), with
         what the collector holds across steps: the groups paused mid-response (partial rollouts) and the
-        next step, already collected (rollout.overlap). Prompts from files read whole are drawn by step,
-        so the step is their data position; streamed sources (data.streaming) add theirs (`source`)."""
+        next step, already collected (rollout.overlap). Prompts read whole are drawn by step, so the step
+        is their data position; a streamed source's position (`PromptSource.position`) is saved beside it,
+        after the step collected ahead has drawn."""
         staging = checkpoint.staging_dir(self.path, step)
         trainers.save(staging)
         buffered = pending and (pending.result(), pending.window, pending.reason)  # waits for it to finish
         if collector is not None and (collector.paused or buffered):
             (staging / ROLLOUTS).write_bytes(pickle.dumps({"paused": collector.paused, "next_step": buffered}))
-        streams = source.position() if source is not None else {}  # after `buffered`: its draws included
         checkpoint.commit(staging, {"step": step, "eval_accuracy_start": eval_accuracy_start,
-                                    **({"streams": streams} if streams else {})}, self.recipe.run.keep_last)
+                                    "data_position": source.position() if source else {}}, self.recipe.run.keep_last)
 
-    def restore(self, trainers, collector, log, source=None):
+    def restore(self, trainers, collector, log, source):
         """Every rank restored from `resume_from`, its weights republished, the collector's paused groups
-        and `source`'s streams put back, metrics rows logged after it dropped; returns (eval accuracy before RL, the first step
+        put back, the prompt source moved to its data position, metrics rows logged after it dropped; returns (eval accuracy before RL, the first step
         to run, that step's collection if the checkpoint holds it, as a finished PendingStep, else None)."""
         from cispo.collect import PendingStep
         from cispo.metrics import Timer
@@ -79,8 +79,7 @@ class RunDir:
         trainers.load(self.resume_from)
         trainers.publish(collector.rollout, version=state["step"])
         log.truncate(state["step"])
-        if source is not None:
-            source.seek(state.get("streams", {}))
+        source.seek(state.get("data_position", {}))
         pending = None
         if (self.resume_from / ROLLOUTS).exists():
             held = pickle.loads((self.resume_from / ROLLOUTS).read_bytes())

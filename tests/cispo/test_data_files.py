@@ -186,11 +186,11 @@ def test_verl_parquet_save_to_disk_and_csv_each_train_2_steps_through_a_recipe(r
     assert all(r["reward_error"] == 0 and r["reward_sandbox_error"] == 0 for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows)  # the verl rows' rewards differ within a group: a real update
     if streaming:  # each checkpoint holds where the streams stand, and a resumed run draws on from there
-        assert checkpoint.latest(tmp_path / "run")[1]["streams"] == source.position()
+        assert checkpoint.latest(tmp_path / "run")[1]["data_position"] == source.position()
         train(recipe("run", 3, "run.resume=true"))
         source.batch(3, stream="rl0")
         assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
-        assert checkpoint.latest(tmp_path / "run")[1]["streams"] == source.position()
+        assert checkpoint.latest(tmp_path / "run")[1]["data_position"] == source.position()
 
 
 def test_a_streamed_file_gives_each_good_row_once_per_epoch_in_a_seeded_order(tmp_path):
@@ -210,33 +210,6 @@ def test_a_streamed_file_gives_each_good_row_once_per_epoch_in_a_seeded_order(tm
         != ["csv", "csv"]  # a mapped source column names each row's source, as read_rows does
 
 
-def test_a_stream_seeks_back_to_where_its_position_was_taken(tmp_path):
-    """Exact resume of a streamed source: a fresh stream put at a saved position gives the same next rows
-    as the stream that went on, mid-epoch and across an epoch's end, bad rows (on_bad_row=skip) counted alike;
-    a PromptSource's position covers each streamed source and is empty for files read whole."""
-    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(10)]
-    lines[4] = "{"  # a bad row: read, skipped and counted
-    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
-    def fresh():
-        return Stream(tmp_path / "r.jsonl", "jsonl", "s", True, {}, seed=5, buffer=4)
-    going = fresh()
-    for k in (3, 4, 5, 9):  # positions 3, 13, 24 and 39 good rows in: mid-epoch and just past an epoch's end
-        going.take(k)
-        saved, back = going.position(), fresh()
-        back.seek(saved)
-        assert back.position() == saved
-        assert [p.text for p in back.take(6)] == [p.text for p in going.take(6)], k
-        assert back.position() == going.position() and back.skipped == going.skipped
-    assert going.epoch == 4 and going.skipped == 5  # 45 of 9 good rows an epoch: five epochs, each read once
-    cfg = DataConfig(source="jsonl", path=str(tmp_path / "r.jsonl"), eval_path=str(tmp_path / "r.jsonl"),
-                     eval_size=2, streaming=True, shuffle_buffer=4, on_bad_row="skip")
-    source, resumed = PromptSource(cfg, 0), PromptSource(cfg, 0)
-    source.batch(1, 5)
-    resumed.seek(source.position())
-    assert [p.text for p in resumed.batch(2, 5)] == [p.text for p in source.batch(2, 5)]
-    assert PromptSource(DataConfig(**{**cfg.model_dump(), "streaming": False}), 0).position() == {}
-
-
 def test_a_streamed_bad_row_names_file_and_row_and_follows_on_bad_row(tmp_path):
     lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(6)]
     lines[2] = '{"prompt": "2+1=", '  # line 3: cut short
@@ -254,6 +227,28 @@ def test_a_streamed_bad_row_names_file_and_row_and_follows_on_bad_row(tmp_path):
     (tmp_path / "all-bad.jsonl").write_text("{\n")
     with pytest.raises(RecipeError, match=r"all-bad.jsonl: no good rows to stream \(1 bad rows skipped\)"):
         Stream(tmp_path / "all-bad.jsonl", "jsonl", "s", True, {}, 0, 100).take(1)
+
+
+def test_a_streamed_source_resumes_at_its_checkpointed_position_without_a_prompt_skipped_or_repeated(tmp_path):
+    """A stream is stateful (its next rows), not a function of the step: a resumed run must go on from the
+    position its checkpoint holds (JSON, as the checkpoint's marker keeps it), across epochs and bad rows."""
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(11)] + ["{"]  # a bad row
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="jsonl", path=str(tmp_path / "r.jsonl"), eval_path=str(tmp_path / "r.jsonl"),
+                     eval_size=1, streaming=True, shuffle_buffer=4, on_bad_row="skip")
+    whole = PromptSource(cfg, 5)
+    seen = [[p.text for p in whole.batch(step, 4)] for step in range(1, 9)]  # 32 draws: about 3 epochs of 11
+    for stop in (2, 3, 5):  # mid-epoch, at an epoch's end, past two epochs
+        first = PromptSource(cfg, 5)
+        before = [[p.text for p in first.batch(step, 4)] for step in range(1, stop + 1)]
+        position = json.loads(json.dumps(first.position()))
+        resumed = PromptSource(cfg, 5)
+        resumed.seek(position)
+        after = [[p.text for p in resumed.batch(step, 4)] for step in range(stop + 1, 9)]
+        assert before + after == seen, stop
+        assert resumed.position() == whole.position(), stop  # the bad row's count too (data_rows_skipped)
+    drawn = [t for batch in seen for t in batch]
+    assert all(sorted(drawn[e * 11:(e + 1) * 11]) == sorted(f"{i}+1=" for i in range(11)) for e in range(2))
 
 
 def test_a_streamed_file_is_read_as_drawn(tmp_path):

@@ -1,13 +1,18 @@
 """A signal to the whole process group, as Ctrl-C in a terminal, `timeout` and SLURM's scancel or preemption
 send it, ends a run with a checkpoint in every phase of a step, and resuming gives the rows of a run that
 was never stopped. SIGTERM and SIGINT, each in each phase, stop one chain of runs (each resuming the last).
+The runs hold rollouts across steps when stopped (partial rollouts: responses paused mid-way; rollout.overlap:
+the next step collected ahead) and draw from a streamed file (a position beyond the step): none of it is lost,
+and no prompt is skipped or seen twice.
 
 Each run is a real `cispo train` in its own session with its own local Ray (the case that lost runs: the
 Ray head `ray.init` starts, and the scoring processes, are in the controller's process group). The phase
 a signal lands in is known from the console: every phase of an RL step announces itself as it starts
 ("step 3: reward"), and the signal goes to the group as soon as that line is the newest step line.
 """
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +21,8 @@ import time
 import pytest
 
 from cispo import checkpoint
+from cispo.run import ROLLOUTS
+from cispo.data import arith_problems
 from cispo.metrics import read_metrics
 from tests.conftest import REPO
 
@@ -24,7 +31,10 @@ pytestmark = pytest.mark.slow
 # Each run starts from the session's shared warm start (tests/conftest.py), so no run spends time on SFT.
 ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
         "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled", "run.max_steps=8",
-        "reward.num_workers=2"]
+        "reward.num_workers=2",
+        # Responses of up to 12 tokens in chunks of 6: most pause once; with overlap, trained up to 2 versions old.
+        "rollout.partial_tokens=6", "rollout.overlap=true", "rollout.max_staleness=2",
+        "algorithm.dynamic_sampling=false", "data.source=jsonl", "data.streaming=true"]
 # Every signal in every phase, one after the other in one chain of runs: each run resumes the one before.
 STOPS = [(signal.SIGTERM, "rollout"), (signal.SIGINT, "reward"), (signal.SIGTERM, "train"),
          (signal.SIGINT, "rollout"), (signal.SIGTERM, "reward"), (signal.SIGINT, "train")]
@@ -33,11 +43,12 @@ STOPS = [(signal.SIGTERM, "rollout"), (signal.SIGINT, "reward"), (signal.SIGTERM
 class Run:
     """`cispo train` as a session leader, so that its process group is its own and not the test's."""
 
-    def __init__(self, run_dir, model_dir, *extra):
+    def __init__(self, run_dir, model_dir, data, *extra):
         self.log = open(f"{run_dir}.{time.monotonic_ns()}.log", "w+")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started by the run
         self.proc = subprocess.Popen([sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", *ARGS,
-                                      f"model.path={model_dir}", f"run.dir={run_dir}", *extra], cwd=REPO, env=env,
+                                      f"model.path={model_dir}", f"run.dir={run_dir}",
+                                      f"data.path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl", *extra], cwd=REPO, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
@@ -86,18 +97,29 @@ def _comparable(rows):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, warm_arith):
+def arith_files(tmp_path_factory):
+    """tiny-arith's 1-digit problems as JSONL files (90 to train on, streamed; 10 held out) in a directory."""
+    path, problems = tmp_path_factory.mktemp("arith-data"), arith_problems(1)
+    for name, rows in (("train", problems[:90]), ("eval", problems[90:])):
+        (path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p.text, "answer": p.answer}) + "\n"
+                                                    for p in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, warm_arith, arith_files):
     run_dir = tmp_path_factory.mktemp("signals") / "whole"
-    with Run(run_dir, warm_arith) as run:
+    with Run(run_dir, warm_arith, arith_files) as run:
         assert run.finish() == 0, run.output()
     return read_metrics(run_dir)
 
 
-def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uninterrupted, warm_arith, tmp_path):
-    run_dir, step = tmp_path / "run", 1
+def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uninterrupted, warm_arith, arith_files,
+                                                                             tmp_path):
+    run_dir, step, held = tmp_path / "run", 0, []
     for n, (sig, phase) in enumerate(STOPS):
-        with Run(run_dir, warm_arith, *(["run.resume=true"] if n else [])) as run:
-            step = run.wait_for_phase(phase, first_step=step + 1)  # step 2 on: one step is already logged
+        with Run(run_dir, warm_arith, arith_files, *(["run.resume=true"] if n else [])) as run:
+            seen = run.wait_for_phase(phase, first_step=step + 1)
             os.killpg(run.proc.pid, sig)
             code, out = run.finish(), run.output()
             deadline = time.monotonic() + 30
@@ -105,16 +127,28 @@ def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uni
                 time.sleep(0.2)
             left = run.session_processes()
         assert code == 128 + sig, out
+        # Step t + 1 rolls out and is scored while step t trains (rollout.overlap), so a signal in those
+        # phases of step t + 1 ends step t, unless it landed as step t + 1 began.
+        step = int(re.search(rf"stopped by {sig.name} after step (\d+)", out)[1])
+        assert step == seen if phase == "train" else seen - 1 <= step <= seen, out
         # The controller took the signal during that step, finished the step, saved it, and nothing crashed.
-        assert out.index(f"step {step}: {phase}") < out.index(f"{sig.name}: finishing step") \
+        assert out.index(f"step {seen}: {phase}") < out.index(f"{sig.name}: finishing step") \
             < out.index(f"step {step}/") < out.index(f"stopped by {sig.name} after step {step}"), out
         assert not any(e in out for e in ("Traceback", "BrokenPipeError", "ConnectionResetError", "GCS")), out
         assert checkpoint.latest(run_dir)[1]["step"] == step
         assert not left, f"processes of the run left behind: {left}"  # the controller shut its children down
+        held.append((checkpoint.latest(run_dir)[0] / ROLLOUTS).exists())
+    assert all(held)  # every stop held paused responses or the step collected ahead, and lost neither
     with (run_dir / "metrics.jsonl").open("a") as f:  # and a crash had torn the last row as it was written
         f.write('{"step": %d, "reward_mean": 0.' % (step + 1))
-    with Run(run_dir, warm_arith, "run.resume=true") as final:
+    with Run(run_dir, warm_arith, arith_files, "run.resume=true") as final:
         assert final.finish() == 0, final.output()
         assert f"resumed from {run_dir / 'ckpt' / f'step-{step:06d}'} (step {step})" in final.output()
         assert "dropped a torn last line" in final.output()
-    assert _comparable(read_metrics(run_dir)) == _comparable(uninterrupted)
+    rows = read_metrics(run_dir)
+    # The same prompts in the same steps (prompts_digest, in order): none skipped or seen twice across the resumes.
+    assert [r.get("prompts_digest") for r in rows] == [r.get("prompts_digest") for r in uninterrupted]
+    digests = [r["prompts_digest"] for r in uninterrupted if "prompts_digest" in r]
+    assert len(digests) >= 6 and len(set(digests)) == len(digests)
+    assert any(r.get("staleness_2") for r in rows) and any(r.get("partial_paused_groups") for r in rows)
+    assert _comparable(rows) == _comparable(uninterrupted)
