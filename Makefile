@@ -22,8 +22,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/cispo train recipes/tiny-countdown.yaml $(ARGS)
 
+# Two pytest-xdist workers, one per core; loadgroup keeps each module marked xdist_group (its shared fixtures)
+# on one worker. JOBS=0 runs in one process.
+JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup tests $(ARGS)
 
 # README's main-job table: make run's recipe over seeds 0-4 (about 5 x 10 minutes on 2 idle cores).
 results: setup
