@@ -22,6 +22,14 @@ def pytest_runtest_makereport(item, call):
         report.outcome, report.longrepr = "failed", f"CI=true: a skip is a failure here ({reason})"
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (make test) the slow tests go first: a worker that drew a ten-minute test last would run
+    it alone after the other had finished, and the short tests fill in around the long ones instead. The sort is
+    stable, so every worker collects the same order, as xdist requires."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole session: starting Ray costs ~4 s and each actor 3-6 s."""
