@@ -23,9 +23,10 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (make test) the slow tests go first: a worker that drew a ten-minute test last would run
-    it alone after the other had finished, and the short tests fill in around the long ones instead. The sort is
-    stable, so every worker collects the same order, as xdist requires."""
+    """Under pytest-xdist (make test: --dist loadfile --no-loadscope-reorder) files go to the workers in collection
+    order, and the slow tests are collected first, so the files that hold them start first: a worker that drew a
+    ten-minute test last would run it alone after the other had finished. The sort is stable, so every worker
+    collects the same order, as xdist requires."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 

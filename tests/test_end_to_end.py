@@ -23,10 +23,6 @@ SHORT = ["data.digits=1", "data.eval_size=20", "data.prompts_per_step=8", "sft.s
          "algorithm.old_logprobs=recompute"]
 
 
-# The three tests of `short_run` go to one xdist worker (make test: --dist loadgroup), so it runs once.
-SHORT_RUN = pytest.mark.xdist_group("e2e-short-run")
-
-
 @pytest.fixture(scope="module")
 def short_run(warm_arith, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
@@ -50,7 +46,6 @@ def test_the_tiny_recipe_learns(ray_session, tmp_path):
     assert mean(rows[-30:]) >= mean(rows[:30]) + 0.05, (mean(rows[:30]), mean(rows[-30:]))  # 0.43 -> 0.57 at seed 0
 
 
-@SHORT_RUN
 def test_short_run_writes_its_records(short_run):
     recipe, run_dir, summary = short_run
     rows = read_metrics(run_dir)
@@ -67,7 +62,6 @@ def test_short_run_writes_its_records(short_run):
     assert load_recipe(run_dir / "config.yaml").run.max_steps == 24
 
 
-@SHORT_RUN
 def test_export_round_trip_is_the_trained_model(short_run, tmp_path):
     _, run_dir, _ = short_run
     export(run_dir, tmp_path / "exported")
@@ -77,7 +71,6 @@ def test_export_round_trip_is_the_trained_model(short_run, tmp_path):
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in exported.state_dict().items())
 
 
-@SHORT_RUN
 def test_eval_of_the_run_and_of_its_export_and_the_plain_hf_way_agree(short_run, tmp_path, capsys):
     recipe, run_dir, summary = short_run
     recipe_args = [str(REPO / "recipes/tiny-arith.yaml"), *SHORT]

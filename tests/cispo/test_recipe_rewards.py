@@ -20,9 +20,6 @@ from rollout.worker import RolloutPool
 from tests.conftest import REPO
 from tests.rewards import user_rewards
 
-# One xdist worker runs this module (make test: --dist loadgroup): its rollout worker is built once.
-pytestmark = pytest.mark.xdist_group("recipe-rewards")
-
 MOD = "tests.rewards.user_rewards"
 # Prompts of different lengths and columns that differ per row, so a wrong row, column or order would show.
 ROWS = [{"prompt": p, "answer": a, "solution": a, "difficulty": d, "extra_info": {"split": "train", "weight": d}}

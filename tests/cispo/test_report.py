@@ -14,9 +14,6 @@ from cispo.metrics import read_metrics
 from cispo.report import group_runs, report
 from tests.conftest import REPO
 
-# One xdist worker runs this module (make test: --dist loadgroup): its three RL runs (`runs`) are built once.
-pytestmark = pytest.mark.xdist_group("report")
-
 RECIPE = REPO / "recipes/tiny-arith.yaml"
 # lr 1e-3 moves the policy enough within a batch's two updates for PPO-clip to bind on some tokens.
 SHORT = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=8", "run.max_steps=4", "run.eval_every=2",

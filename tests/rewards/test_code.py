@@ -16,9 +16,6 @@ from rewards.pool import ScoringPool
 from rewards.registry import build
 from rewards.types import RewardInput
 
-# One xdist worker runs this module (make test: --dist loadgroup): the outer pids cap and HumanEval's rows are built once.
-pytestmark = pytest.mark.xdist_group("code")
-
 REPO = Path(__file__).resolve().parents[2]
 HUMANEVAL = REPO / "data/humaneval/HumanEval.jsonl.gz"
 

@@ -11,9 +11,6 @@ from rewards.registry import build, resolve
 from rewards.types import RewardInput
 from tests.rewards import user_rewards
 
-# One xdist worker runs this module (make test: --dist loadgroup): its scoring pool is built once.
-pytestmark = pytest.mark.xdist_group("plugins")
-
 MOD = "tests.rewards.user_rewards"
 
 

@@ -13,9 +13,6 @@ import pytest
 from rewards import code, sandbox
 from tests.rewards import conftest
 
-# One xdist worker runs this module (make test: --dist loadgroup): the outer pids cap and each isolation level are built once.
-pytestmark = pytest.mark.xdist_group("sandbox")
-
 LIMITS = {"timeout_s": 1.0, "memory_mb": 256}
 STDIO_42 = {"inputs": [""], "outputs": ["42"], **LIMITS}
 

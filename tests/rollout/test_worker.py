@@ -21,9 +21,6 @@ from rollout.trajectory import Request, SamplingParams
 from rollout.worker import ENGINES, RolloutPool, balance
 from tests.rollout.reference import teacher_forced
 
-# One xdist worker runs this module (make test: --dist loadgroup): its two rollout workers are built once.
-pytestmark = pytest.mark.xdist_group("worker")
-
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 7], [1, 9, 10, 11, 12], [1, 4, 4]]
 
 
