@@ -22,6 +22,15 @@ def pytest_runtest_makereport(item, call):
         report.outcome, report.longrepr = "failed", f"CI=true: a skip is a failure here ({reason})"
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (make test: --dist loadfile --no-loadscope-reorder) files go to the workers in collection
+    order, and the slow tests are collected first, so the files that hold them start first: a worker that drew a
+    ten-minute test last would run it alone after the other had finished. The sort is stable, so every worker
+    collects the same order, as xdist requires."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole session: starting Ray costs ~4 s and each actor 3-6 s."""
@@ -42,12 +51,22 @@ WARM_ARGS = ["data.digits=1", "data.eval_size=20", "sft.steps=60", "sft.stop_at_
 
 @pytest.fixture(scope="session")
 def warm_arith(ray_session, tmp_path_factory) -> Path:
-    """The shared warm start's model directory (an HF directory with its tokenizer)."""
+    """The shared warm start's model directory (an HF directory with its tokenizer).
+
+    Under pytest-xdist (`make test` runs two workers) the workers share the session's temp root: the first to
+    ask builds the warm start there under a file lock, the other waits and reuses it, so a session pays once."""
+    from filelock import FileLock
+
     from cispo.config import load_recipe
     from cispo.loop import train
 
-    run_dir = tmp_path_factory.mktemp("warm-arith") / "run"
-    train(load_recipe(REPO / "recipes/tiny-arith.yaml", [*WARM_ARGS, f"run.dir={run_dir}"]))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's basetemp is <session root>/popen-gwN
+    run_dir = root / "warm-arith" / "run"
+    with FileLock(root / "warm-arith.lock"):
+        if not (run_dir / "summary.json").exists():  # a run writes it last, after its final model
+            train(load_recipe(REPO / "recipes/tiny-arith.yaml", [*WARM_ARGS, f"run.dir={run_dir}"]))
     return run_dir / "final"
 
 

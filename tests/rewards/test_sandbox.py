@@ -17,15 +17,29 @@ LIMITS = {"timeout_s": 1.0, "memory_mb": 256}
 STDIO_42 = {"inputs": [""], "outputs": ["42"], **LIMITS}
 
 
+def own_sandbox_uids() -> set[int]:
+    """The sandbox uids this process's fork-servers hold: each server's uid lock file is open here."""
+    uids = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the fd listing itself, closed meanwhile
+            continue
+        if target.parent == sandbox.STATE_DIR and target.name.startswith("uid-"):
+            uids.add(sandbox.UID_BASE + int(target.name.removeprefix("uid-").removesuffix(".lock")))
+    return uids
+
+
 def sandbox_uid_processes() -> list[int]:
-    """Host processes running as any sandbox worker uid."""
-    found = []
+    """Host processes running as a sandbox uid of this process's servers. Not every sandbox uid: the other
+    xdist worker's (or another session's) sandboxes run programs of their own at the same moment."""
+    ours, found = own_sandbox_uids(), []
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             uid = int(Path(f"/proc/{name}/status").read_text().split("\nUid:")[1].split()[0])
         except (OSError, IndexError):
             continue
-        if sandbox.UID_BASE <= uid < sandbox.UID_BASE + sandbox.UID_COUNT:
+        if uid in ours:
             found.append(int(name))
     return found
 
@@ -34,6 +48,7 @@ def assert_host_fine():
     assert subprocess.run(["true"]).returncode == 0, "the host cannot start a process"
     assert not sandbox_uid_processes(), "sandboxed processes outlived their run"
     assert sandbox.run("print('still works')", **LIMITS).stdout == "still works\n"
+    assert own_sandbox_uids(), "no fork-server's uid is held here: the leftover check would see nothing"
 
 
 def test_program_io_status_and_cpu_time():
