@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rollout.config import m1_layer_types, preset_config
 from rollout.families import family_of
+from rollout.kernels import use_delta_rule_kernels
 from rollout.states import StateCache
 
 
@@ -40,7 +41,8 @@ def build_model(preset: str, vocab_size: int, **overrides):
     A preset without `model_type` is MiniMax's layout (`build_hybrid`); one with a `model_type` is built
     from that family's own config class and causal-LM class (AutoConfig / AutoModelForCausalLM). Raises
     ValueError naming the valid presets for an unknown one, or the supported model types for a type
-    the engine has no adapter for.
+    the engine has no adapter for. Gated DeltaNet and KDA layers run fla's kernels on CUDA where fla is
+    installed, transformers' torch path elsewhere (rollout.kernels.use_delta_rule_kernels).
     """
     kwargs = {**preset_config(preset), **overrides}
     model_type = kwargs.pop("model_type", "minimax")
@@ -49,7 +51,9 @@ def build_model(preset: str, vocab_size: int, **overrides):
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)
     family_of(config)
     config._experts_implementation = "eager"
-    return _random_pad_row(AutoModelForCausalLM.from_config(config))
+    model = _random_pad_row(AutoModelForCausalLM.from_config(config))
+    use_delta_rule_kernels(model)
+    return model
 
 
 def _random_pad_row(model):
@@ -120,7 +124,8 @@ def head_logits(model, hidden: torch.Tensor, dtype: torch.dtype = torch.float32)
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """An HF causal-LM directory of a supported family (rollout.families), in `dtype` on `device`, with eager
-    experts like `build_model`'s (training needs them; the engine switches its replica to grouped GEMMs).
+    experts like `build_model`'s (training needs them; the engine switches its replica to grouped GEMMs) and,
+    like it, fla's kernels for Gated DeltaNet and KDA on CUDA only.
 
     Raises ValueError naming the model type or the layer kind, and what is supported, from config.json
     alone, before any weights load (`family_of`).
@@ -128,6 +133,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     family_of(AutoConfig.from_pretrained(str(path)))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     model.config._experts_implementation = "eager"
+    use_delta_rule_kernels(model)
     return model
 
 
