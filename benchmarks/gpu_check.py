@@ -3,12 +3,17 @@
     python benchmarks/gpu_check.py                 # on a GPU: the probe's 306M-parameter hybrid, bf16
     python benchmarks/gpu_check.py --cpu           # small sizes on the CPU (~3 min on a quiet machine)
     python benchmarks/gpu_check.py --recipe        # also the tiny recipe end to end (runs `cispo train`)
-    python benchmarks/gpu_check.py --only decode   # one check: logprobs | decode | engine | trainer | recipe
+    python benchmarks/gpu_check.py --only decode   # one check: logprobs | families | decode | engine | trainer | recipe
 
 Checks (each catches its own failure and prints {"check": ..., "error": ...} instead):
 - logprobs: engine logprobs on the device against a teacher-forced fp32 forward (target <= 1e-4), the
   sampler's tokens on the device against the CPU's for the same logits, and on CUDA fla's chunked and
   recurrent lightning kernels against the torch path.
+- families: one line per Gated DeltaNet and KDA preset (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, Kimi Linear,
+  Ling 2.5), fp32: the engine (fla's chunked prefill and recurrent decode on CUDA where fla is installed,
+  `fla_layers` > 0) against the same weights on transformers' torch path (rollout.kernels), with prompts
+  across fla's 64-token chunks, forks and joins: max |Δ logprob| (target <= 1e-4) and greedy tokens
+  equal to HF `generate`'s. On the CPU both sides run the torch path (a dry run of the check).
 - decode: ms per decode step against rows (1, 8, 64, 256) and context (1k, 8k, 32k), for the hybrid
   and an all-softmax model of the same shape, beside the bandwidth floor: bytes a step must read
   (weights of the experts the rows can reach, the fp32 head, softmax KV, linear states read and
@@ -49,8 +54,9 @@ from decode_scaling import per_step_seconds
 from rollout_throughput import budgets, run_engine, run_hf
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
+from rollout.kernels import use_delta_rule_kernels
 from rollout.trajectory import Request, SamplingParams
-from rollout.model import build_hybrid, fp32_logits
+from rollout.model import build_hybrid, build_model, fp32_logits
 from rollout.sampling import sample, uniforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,15 +85,8 @@ def check_logprobs(args) -> None:
     params = SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95)
     out = engine.generate([Request(p, n=2, seed=i, params=params) for i, p in enumerate(prompts)])
     reference = probe_model(args, dtype=torch.float32)  # same seed, same weights, the unpatched torch path
-    worst = 0.0
+    worst = _logprob_gap(reference, out, 0.8, args.device)
     with torch.no_grad():
-        for c in out:
-            prompt = c.prompt_ids
-            ids = torch.tensor([prompt + c.response_ids], device=args.device)
-            hidden = reference.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1]
-            logp = torch.log_softmax(fp32_logits(reference, hidden) / 0.8, -1)
-            expected = logp.gather(1, torch.tensor(c.response_ids, device=args.device)[:, None])[:, 0].cpu()
-            worst = max(worst, float((expected - torch.tensor(c.logprobs)).abs().max()))
         rows = 4096
         logits = torch.randn(rows, args.vocab, generator=g)
         keys, index, pos = torch.randint(0, 2**32, (rows, 2), generator=g), torch.arange(rows) % 8, torch.arange(rows)
@@ -101,6 +100,50 @@ def check_logprobs(args) -> None:
         if args.device.type == "cuda":
             result.update(_fla_gaps(args, prompts[2]))
     emit("logprobs", device=str(args.device), **result)
+
+
+def _logprob_gap(reference, completions, temperature: float, device) -> float:
+    """Max |Δ logprob| of `completions` against a teacher-forced fp32 forward of `reference`, one per completion."""
+    worst = 0.0
+    with torch.no_grad():
+        for c in completions:
+            ids = torch.tensor([c.prompt_ids + c.response_ids], device=device)
+            hidden = reference.model(input_ids=ids).last_hidden_state[0, len(c.prompt_ids) - 1:-1]
+            logp = torch.log_softmax(fp32_logits(reference, hidden) / temperature, -1)
+            expected = logp.gather(1, torch.tensor(c.response_ids, device=device)[:, None])[:, 0].cpu()
+            worst = max(worst, float((expected - torch.tensor(c.logprobs)).abs().max()))
+    return worst
+
+
+FLA_PRESETS = ("tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-bailing_hybrid")
+
+
+def check_families(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, args.vocab, (n,), generator=g).tolist() for n in (5, 40, 150, 300)]
+    sampled = [Request(p, n=2, seed=i, params=SamplingParams(max_new_tokens=b, temperature=0.8))
+               for i, (p, b) in enumerate(zip(prompts, (48, 8, 24, 16)))]
+    greedy = [Request(p, params=SamplingParams(max_new_tokens=16, temperature=0)) for p in prompts]
+    for preset in FLA_PRESETS:
+        models = []
+        for _ in range(2):  # the same seed, the same weights
+            torch.manual_seed(0)
+            models.append(build_model(preset, args.vocab, pad_token_id=0).eval().to(args.device))
+        model, reference = models
+        fla_layers = use_delta_rule_kernels(model)  # fla on CUDA tensors where fla imports
+        use_delta_rule_kernels(reference, "none")
+        # 4 rows at once: the later requests join rows left by finished ones
+        engine = CispoEngine(model, RolloutConfig(max_batch_rows=4), pad_id=0)
+        gap = _logprob_gap(reference, engine.generate(sampled), 0.8, args.device)
+        equal = 0
+        for r, c in zip(greedy, engine.generate(greedy)):
+            ids = torch.tensor([r.prompt_ids], device=args.device)
+            hf = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                    do_sample=False, pad_token_id=0, eos_token_id=None)
+            equal += c.response_ids == hf[0, len(r.prompt_ids):].tolist()
+        emit("families", preset=preset, device=str(args.device),
+             kernels="fla" if fla_layers and args.device.type == "cuda" else "torch", fla_layers=fla_layers,
+             max_abs_logprob_gap=gap, target=1e-4, greedy_equal_to_hf=equal, greedy_prompts=len(greedy))
 
 
 def _fla_gaps(args, prompt: list[int]) -> dict:
@@ -235,7 +278,7 @@ def check_recipe(args) -> None:
          last_metrics=json.loads(rows[-1]) if rows else None, stderr_tail=done.stderr[-800:])
 
 
-CHECKS = {"logprobs": check_logprobs, "decode": check_decode, "engine": check_engine, "trainer": check_trainer,
+CHECKS = {"logprobs": check_logprobs, "families": check_families, "decode": check_decode, "engine": check_engine, "trainer": check_trainer,
           "recipe": check_recipe}
 
 

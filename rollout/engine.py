@@ -352,7 +352,8 @@ class Engine:
 class CispoEngine(Engine):
     """This module's `generate` as an engine. It switches the model to the decode attention kernel and
     MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
-    CUDA a MiniMax model's lightning attention runs fla's kernels (rollout.kernels).
+    CUDA a MiniMax model's lightning attention runs fla's kernels (rollout.kernels), and so do Gated
+    DeltaNet and KDA layers of a model from `build_model` or `load_model`.
     `head_dtype=torch.bfloat16` keeps the head in bf16 instead, as M1 had it before its fix; only
     experiments/fp32_head.py asks for it. `record_routing` records each token's experts in its trajectory
     (MoE routing replay, rollout.routing; a ValueError for a model it does not cover).

@@ -25,6 +25,7 @@ on the CPU under TRITON_INTERPRET=1; benchmarks/gpu_check.py checks both kernels
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import types
 
@@ -88,7 +89,8 @@ def use_delta_rule_kernels(model, fla: str = "cuda") -> int:
     if fla not in choices:
         raise ValueError(f"fla kernels {fla!r}: expected one of {', '.join(choices)}")
     try:
-        from fla.ops import gated_delta_rule, kda  # noqa: F401 (`import fla...` would rebind the argument `fla`)
+        for name in ("fla.ops.gated_delta_rule", "fla.ops.kda"):  # `import fla...` would rebind the argument
+            importlib.import_module(name)
     except ImportError:
         return 0
     count = 0
