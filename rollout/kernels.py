@@ -11,9 +11,9 @@ takes the new one out (`output_final_state`), in fla's layout [rows, value heads
 path's too; the conv state stays on transformers' torch path (or `causal-conv1d` where installed).
 `use_delta_rule_kernels` picks per layer and per call which of the two runs.
 
-MiniMax's lightning attention (`use_fla_lightning`) is simple gated linear attention with a constant per-head decay: with
-S_t = exp(-λ_h) S_{t-1} + k_tᵀ v_t and o_t = q_t S_t (no 1/√d scale), it is fla's `simple_gla`
-with g_gamma = -λ_h. λ_h is the module's own `get_slope_rate()` (M1's per-layer slopes) in fp32,
+MiniMax's lightning attention (`use_fla_lightning`) is simple gated linear attention with a constant
+per-head decay: with S_t = exp(-λ_h) S_{t-1} + k_tᵀ v_t and o_t = q_t S_t (no 1/√d scale), it is fla's
+`simple_gla` with g_gamma = -λ_h. λ_h is the module's own `get_slope_rate()` (M1's per-layer slopes) in fp32,
 so the kernels reproduce transformers' MiniMaxLightningAttention exactly up to rounding. fla's
 `chunk_lightning_attn` wrappers are not used: they derive their decay as
 -(8/H)(1 - layer/L)·h, which is not the slope MiniMax checkpoints were trained with.

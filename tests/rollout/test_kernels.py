@@ -15,7 +15,9 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("fla.ops.simple_gla", reason="needs the gpu extra: pip install -e .[gpu]")
+import fla.ops.gated_delta_rule.chunk as gdn_chunk  # noqa: E402
 import fla.ops.gated_delta_rule.fused_recurrent as gdn_recurrent  # noqa: E402
+import fla.ops.kda.chunk as kda_chunk  # noqa: E402
 import fla.ops.kda.fused_recurrent as kda_recurrent  # noqa: E402
 from triton.runtime import autotuner  # noqa: E402
 
@@ -77,3 +79,19 @@ def test_delta_rule_recurrent_kernel_decodes_like_the_torch_path(monkeypatch, pr
     for c in ours:
         gap = (teacher_forced(reference, c.prompt_ids, c.response_ids) - torch.tensor(c.logprobs)).abs().max()
         assert gap < 1e-4, (c.prompt_ids, float(gap))
+
+
+def test_build_model_keeps_delta_rule_layers_on_the_torch_path_on_the_cpu(monkeypatch):
+    # transformers binds its GDN and KDA ops to fla on every device whenever fla imports (under the
+    # interpreter set here they would then run); on CPU tensors build_model's layers must not reach fla.
+    calls = []
+    fla_entries = ((gdn_chunk, "chunk_gated_delta_rule_fwd"), (kda_chunk, "chunk_kda_fwd"),
+                   (gdn_recurrent, "fused_recurrent_gated_delta_rule_fwd"), (kda_recurrent, "fused_recurrent_kda_fwd"))
+    for module, name in fla_entries:
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: calls.append(name))
+    for preset in ("tiny-qwen3_5", "tiny-kimi_linear"):
+        torch.manual_seed(0)
+        model = build_model(preset, 32, pad_token_id=0).eval()
+        out = generate(model, [Request([1, 5, 6], n=2, seed=0, params=SamplingParams(max_new_tokens=3))], pad_id=0)
+        assert [len(c.response_ids) for c in out] == [3, 3]
+    assert calls == []
