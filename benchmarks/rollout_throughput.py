@@ -25,7 +25,7 @@ seconds (not in its median) and each engine's speed over HF generate's.
 instead runs our engine and llama.cpp (its own `minimax-01` graph, on a GGUF export of the same weights:
 rollout.llamacpp, the `llamacpp` extra) greedily on 8 and on 64 sequences decoding together, each a distinct
 32-token prompt with the same budget, alternated. One JSON line per model: per row count, median seconds,
-useful tokens/s for each, our speed over llama.cpp's, and how many sequences' greedy tokens agree (where
+useful tokens/s for each, our speed over llama.cpp's (in wall and in CPU seconds), and how many sequences' greedy tokens agree (where
 they part, the two logits were within float noise of a tie: tests/rollout/test_llamacpp.py).
 """
 from __future__ import annotations
@@ -139,20 +139,24 @@ def llamacpp(args) -> None:
                 requests = [Request(p, seed=i, params=SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0))
                             for i, p in enumerate(prompts)]
                 lc = LlamaCpp(f"{tmp}/model.gguf", rows, PROMPT_LEN + args.new_tokens, args.threads, rows * PROMPT_LEN)
+                # Wall and CPU seconds (all threads of this process): on a loaded machine, wall time mostly
+                # measures the other processes, CPU time the work each engine did.
                 times = []
                 for _ in range(args.repeats):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     ours = [c.response_ids for c in engine.generate(requests)]
-                    t1 = time.perf_counter()
+                    t1, c1 = time.perf_counter(), time.process_time()
                     theirs = lc.greedy(prompts, [args.new_tokens] * rows)
-                    times.append((t1 - t0, time.perf_counter() - t1))
+                    times.append((t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1))
                 lc.close()
-                ours_s, lc_s = (statistics.median(t) for t in zip(*times))
+                ours_s, lc_s, ours_cpu, lc_cpu = (statistics.median(t) for t in zip(*times))
                 useful = rows * args.new_tokens
                 result.update({f"rows{rows}_engine_median_s": round(ours_s, 2), f"rows{rows}_llamacpp_median_s": round(lc_s, 2),
                                f"rows{rows}_engine_tokens_per_s": round(useful / ours_s, 1),
                                f"rows{rows}_llamacpp_tokens_per_s": round(useful / lc_s, 1),
                                f"rows{rows}_speedup_vs_llamacpp": round(lc_s / ours_s, 2),
+                               f"rows{rows}_engine_cpu_s": round(ours_cpu, 2), f"rows{rows}_llamacpp_cpu_s": round(lc_cpu, 2),
+                               f"rows{rows}_cpu_speedup_vs_llamacpp": round(lc_cpu / ours_cpu, 2),
                                f"rows{rows}_sequences_agreeing": sum(a == b for a, b in zip(ours, theirs))})
         print(json.dumps(result), flush=True)
 
