@@ -11,6 +11,7 @@ patched copy when the wheel's own copy does not load.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import struct
@@ -120,10 +121,11 @@ def _weaken_version(path: Path, version: bytes) -> None:
     path.write_bytes(data)
 
 
+@functools.cache
 def _library():
-    """llama.cpp's C library with the package's cffi declarations: the wheel's own copy, or, where the system
-    glibc is older than 2.38, a copy whose C23 entry points are renamed to the C89 ones (patchelf), their
-    version cleared and the 2.38 need made weak. The copy is deleted once loaded."""
+    """llama.cpp's C library with the package's cffi declarations, loaded once a process: the wheel's own
+    copy, or, where the system glibc is older than 2.38, a copy whose C23 entry points are renamed to the
+    C89 ones (patchelf), their version cleared and the 2.38 need made weak. The copy is deleted once loaded."""
     from llama_cpp_py_sync import _cffi_bindings
 
     ffi = _cffi_bindings.get_ffi()
