@@ -53,7 +53,7 @@ def write_reversal_task(out_dir) -> tuple[str, str]:
 LEARN = [
     # M1's layout shrunk to 2 layers as in tiny-tool.yaml (a lightning layer, then a softmax layer; 240k
     # parameters): a step costs a fraction of the 3.8M preset's. Countdown and two-digit sums did not learn on it
-    # in 30-60 steps (operators and carries are more than 2 layers pick up that fast); reversing does.
+    # (held-out accuracy 0.218 -> 0.226 in 60 steps at 3e-3, 0.252 -> 0.266 in 30 at 1e-3); reversing does.
     "model.overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 4, layer_types: [linear_attention, full_attention], block_size: 16}",
     "data.source=jsonl", "data.eval_size=500",  # the standard error of one accuracy is at most 0.022
