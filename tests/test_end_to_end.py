@@ -1,6 +1,8 @@
 """The whole slice, really run: Ray rollout worker, DeepSpeed trainer, math-verify reward, CISPO loss;
 then `cispo export` and `cispo eval` on what it trained, and the exported model used the plain HF way."""
+import itertools
 import json
+import random
 
 import pytest
 import torch
@@ -30,20 +32,58 @@ def short_run(warm_arith, tmp_path_factory):
     return recipe, run_dir, train(recipe)
 
 
-@pytest.mark.slow
-def test_the_tiny_recipe_learns(ray_session, tmp_path):
-    """The tiny-arith recipe (one thread): RL lifts held-out accuracy and reward.
+def write_reversal_task(out_dir) -> tuple[str, str]:
+    """The learning test's task, as JSONL files in `out_dir`: reverse four digits (`1265=` -> `\\boxed{5621}`,
+    scored by math-verify), 500 of the 6,561 words from 1-9 held out. Each demonstration reverses its word or
+    copies it unchanged, at random: the warm start learns to write both, and only the reward says which is right,
+    so the gain has to come from RL. Returns the train and eval paths."""
+    words = ["".join(w) for w in itertools.product("123456789", repeat=4)]
+    rng = random.Random(0)
+    rng.shuffle(words)
+    paths = []
+    for name, split in (("eval", words[:500]), ("train", words[500:])):
+        rows = [{"prompt": f"{w}=", "answer": w[::-1], "target": f"\\boxed{{{w[::-1] if rng.random() < 0.5 else w}}}"}
+                for w in split]
+        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(out_dir / f"{name}.jsonl"))
+    return paths[1], paths[0]
 
-    24 steps of 8 prompts cannot show this: which prompts a step draws moves its mean reward more than
-    learning does (1-digit sums: flat at 0.27-0.30 over 24 steps, seeds 0 and 1, at lr 3e-5 and 1e-4).
-    Over 150 steps it is clear: held-out accuracy 0.445 -> 0.885, 0.470 -> 0.830, 0.460 -> 0.815 for seeds 0-2."""
+
+# The learning test's recipe: tiny-arith.yaml (its alphabet, math-verify and CISPO settings) changed as follows.
+LEARN = [
+    # M1's layout shrunk to 2 layers as in tiny-tool.yaml (a lightning layer, then a softmax layer; 240k
+    # parameters): a step costs a fraction of the 3.8M preset's. Countdown and two-digit sums did not learn on it
+    # (held-out accuracy 0.218 -> 0.226 in 60 steps at 3e-3, 0.252 -> 0.266 in 30 at 1e-3); reversing does.
+    "model.overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
+    "num_key_value_heads: 4, layer_types: [linear_attention, full_attention], block_size: 16}",
+    "data.source=jsonl", "data.eval_size=500",  # the standard error of one accuracy is at most 0.022
+    "rollout.max_new_tokens=13",  # \boxed{dddd} and the end token
+    # The warm start stops once greedy accuracy reaches 0.2 (checked every 25 steps): when reversing clicks
+    # (after 200 steps at seed 0, 250 at seed 2, 600 at seed 1) depends on the seed and the CPU's numerics; the
+    # accuracy RL starts from does not.
+    "sft.steps=600", "sft.lr=3e-3", "sft.eval_every=25", "sft.stop_at_accuracy=0.2",
+    # 30 CISPO steps, the rate on a cosine to 0. At 5e-4 for 20 steps the gains were +0.48 and +0.21 (seeds 0, 2).
+    "run.max_steps=30", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine",
+    "run.eval_every=0", "run.threads=1", "wandb.mode=disabled"]
+
+
+@pytest.mark.slow
+def test_rl_lifts_held_out_accuracy(ray_session, tmp_path):
+    """From a warm start that reverses or copies four digits at random, 30 CISPO steps make it reverse held-out
+    words: held-out greedy accuracy (500 prompts, standard error <= 0.022 each, <= 0.032 for a gain) and the mean
+    reward rise. Measured here (2 cores, load average ~17), seeds 0, 1, 2: held-out accuracy 0.236 -> 0.970
+    (+0.734), 0.216 -> 0.438 (+0.222), 0.238 -> 0.554 (+0.316); mean reward of the first -> last 5 steps 0.18 ->
+    0.77, 0.15 -> 0.34, 0.15 -> 0.38. The thresholds leave the weakest seed a margin of 0.07 and 0.09.
+    By hand, once (seed 0): with the advantage's sign flipped, 0.236 -> 0.000 and reward 0.10 -> 0.00; it fails."""
+    train_path, eval_path = write_reversal_task(tmp_path)
     run_dir = tmp_path / "run"
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["wandb.mode=disabled", "run.threads=1", f"run.dir={run_dir}"])
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", [*LEARN, f"data.path={train_path}",
+                                                            f"data.eval_path={eval_path}", f"run.dir={run_dir}"])
     summary = train(recipe)
     rows = read_metrics(run_dir)
     mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
     assert summary["eval_accuracy_end"] >= summary["eval_accuracy_start"] + 0.15, summary
-    assert mean(rows[-30:]) >= mean(rows[:30]) + 0.05, (mean(rows[:30]), mean(rows[-30:]))  # 0.43 -> 0.57 at seed 0
+    assert mean(rows[-5:]) >= mean(rows[:5]) + 0.1, (mean(rows[:5]), mean(rows[-5:]))
 
 
 def test_short_run_writes_its_records(short_run):
