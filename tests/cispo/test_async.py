@@ -19,7 +19,7 @@ from cispo.trainer import TrainerGroup
 from rewards.pool import ScoringPool
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
-from rollout.model import load_model
+from rollout.model import load_model, token_logprobs
 from tests.cispo.test_checkpoint import _comparable, sigkill_at_checkpoint
 from tests.conftest import REPO
 
@@ -63,6 +63,27 @@ def test_paused_responses_continue_under_new_weights_with_their_versions(tiny_mo
     for g in pickle.loads(paused):  # what is still in flight: at least one sample unfinished, none over budget
         assert not all(done(t, BUDGET) for t in g.trajectories)
         assert all(len(t.response_ids) % CHUNK == 0 or done(t, BUDGET) for t in g.trajectories)
+
+
+def test_a_resumed_responses_logprobs_are_the_ones_a_single_pass_gives(tiny_model_dir, tiny_tokenizer):
+    """The IS weight of a token sampled after a pause divides by its rollout logprob: with the weights held
+    fixed across steps, a response decoded in chunks (re-prefilled at each resume) must carry the logprobs
+    one forward pass over prompt + response gives, token for token."""
+    recipe = load_recipe(RECIPE, PARTIAL)
+    model = load_model(tiny_model_dir)
+    engine = CispoEngine(load_model(tiny_model_dir), RolloutConfig(), tiny_tokenizer.pad_token_id, tiny_tokenizer)
+    source = PromptSource(recipe.data, recipe.run.seed)
+    with ScoringPool(1, 10.0) as scorer, closing(Collector(recipe, tiny_tokenizer, engine, scorer)) as collector:
+        finished = [t for step in (1, 2, 3, 4) for g in collector.submit(step, source, BUDGET, Timer()).result()[0]
+                    for t in g.trajectories]
+    resumed = [t for t in finished if len(t.response_ids) > CHUNK]
+    assert resumed  # some responses were paused and continued
+    with torch.no_grad():
+        for t in resumed:
+            ids = torch.tensor([t.prompt_ids + t.response_ids])
+            hidden = model.model(input_ids=ids).last_hidden_state[:, len(t.prompt_ids) - 1:-1]
+            whole, _ = token_logprobs(hidden, model.lm_head.weight, ids[:, len(t.prompt_ids):])
+            assert whole[0].tolist() == pytest.approx(t.logprobs, abs=1e-5)
 
 
 def test_the_schedule_depends_on_steps_and_tokens_and_a_resume_loses_nothing(tiny_model_dir, tiny_tokenizer):
