@@ -78,12 +78,12 @@ def main() -> None:
                                                       "micro_batch_tokens": args.micro_rows * (PROMPT_LEN + MAX_LEN)}),
     }
     plans = {name: shard(batch, torch.arange(args.rows), "group", 1, cfg) for name, cfg in modes.items()}
-    ray.get(trainer.train_batch.remote([plans["bucketed"][0][0]], 1.0))  # warm-up
+    ray.get(trainer.train_batch.remote([plans["bucketed"][0][0]], 1.0, 0))  # warm-up (schedule position 0)
     seconds = {name: [] for name in modes}
     for _ in range(args.repeats):
         for name, (plan, _) in plans.items():
             t0 = time.perf_counter()
-            ray.get(trainer.train_batch.remote([plan[0]], 1.0))
+            ray.get(trainer.train_batch.remote([plan[0]], 1.0, 0))
             seconds[name].append(time.perf_counter() - t0)
 
     pool = RolloutPool.start(2, model_dir, tok.pad_token_id, RolloutConfig(threads=1))

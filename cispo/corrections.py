@@ -71,16 +71,20 @@ def mismatch_figures(trainer_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
 
     - mismatch_kl: KL(μ ‖ π_old) by the k3 estimator from tokens sampled by μ: E_μ[(ρ − 1) − log ρ];
     - mismatch_logprob_p99: the 99th percentile of |log π_old − log μ|;
-    - correction_fraction: the share of tokens whose factor the correction changed (c ≠ 1).
+    - correction_fraction: the share of tokens the correction touched: its factor is neither 1 nor the plain
+      IS weight ρ (TIS: ρ over the cap; IcePop: ρ outside the band; none: no token).
     Empty when no token is on the mask.
     """
     on = mask.bool()
     if not on.any():
         return {}
-    log_ratio = (trainer_logprobs - rollout_logprobs).detach()[on].double()
+    log_ratio = (trainer_logprobs - rollout_logprobs).detach()[on]
+    c = factor[on]
+    touched = (c != 1) & (c != log_ratio.exp())  # ρ as correction_factor computes it, so an untouched TIS weight is equal
+    log_ratio = log_ratio.double()
     return {"mismatch_kl": float((log_ratio.exp() - 1 - log_ratio).mean()),
             "mismatch_logprob_p99": float(log_ratio.abs().quantile(0.99)),
-            "correction_fraction": float((factor[on] != 1).double().mean())}
+            "correction_fraction": float(touched.double().mean())}
 
 
 def staleness_histogram(versions: Tensor, mask: Tensor, current_version: int) -> dict:

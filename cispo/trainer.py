@@ -70,7 +70,8 @@ class Trainer:
     validation would import every reward, the code sandbox included): its sections `trainer`, `optim`
     and `loss` (cispo.loss.LossConfig, keys under `algorithm`), `correction` (cispo.corrections), and
     `old_logprobs`, `routing_replay`, `sft_lr`, `seed`, `threads`. `search` holds the directories a user's 'module:function' loss is imported from;
-    `total_updates` is the run's count of RL optimizer steps, where a cosine schedule reaches 0."""
+    `total_updates` is the run's count of RL optimizer steps (max_steps × updates_per_batch), where a cosine
+    schedule reaches 0."""
 
     def __init__(self, model_dir: str, rank: int, world_size: int, *, trainer: TrainerConfig, optim: OptimConfig,
                  loss: LossConfig, correction: CorrectionConfig, old_logprobs: str, routing_replay: bool,
@@ -80,7 +81,7 @@ class Trainer:
         self.correction, self.routing_replay = correction, routing_replay
         self.sft_lr, self.seed, self.threads, self.search = sft_lr, seed, threads, search
         self.skipped_steps = 0
-        self.rl_updates, self.total_updates = 0, total_updates  # drive the RL learning rate (OptimConfig.lr_at)
+        self.total_updates = total_updates  # where the RL learning rate's schedule ends (OptimConfig.lr_at)
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group: this node's IP and a free port on it."""
@@ -172,9 +173,12 @@ class Trainer:
         out = self._update(micro_batches, lambda logp, mb: (-logp, {}))
         return {"loss": out["loss"], "grad_norm": out["grad_norm"]}
 
-    def train_batch(self, updates: list[list[TrainBatch]], temperature: float) -> dict:
+    def train_batch(self, updates: list[list[TrainBatch]], temperature: float, first_update: int) -> dict:
         """K minibatch updates of the policy loss over one generation batch (M1 §3.1: off-policy updates);
-        `updates` holds this rank's micro-batches for each.
+        `updates` holds this rank's micro-batches for each. Update k runs at the learning rate of schedule
+        position `first_update` + k: the step's place, (step − 1) × updates_per_batch, not a count of the
+        updates done so far, so a step that trains fewer groups than updates_per_batch, or none (partial
+        rollouts' first step, dynamic sampling without refill), does not hold the schedule back.
 
         `loss` is this rank's share (ranks sum to the minibatch loss); the other figures, the loss's own
         (cispo.loss) and `policy_health`'s, are token means with their `tokens` count, so the controller can
@@ -185,9 +189,8 @@ class Trainer:
                                                        group_index=mb.group_index, cfg=self.loss)
         gap = self._recompute_old_logprobs(updates, temperature) if self.old_logprobs == "recompute" else {}
         losses, norms, on_token, loss_figures = [], [], [], {}
-        for micro_batches in updates:
-            self._set_lr(o.lr_at(self.rl_updates, self.total_updates))
-            self.rl_updates += 1
+        for k, micro_batches in enumerate(updates):
+            self._set_lr(o.lr_at(first_update + k, self.total_updates))
             out = self._update(micro_batches, per_token_loss, temperature)
             losses.append(out["loss"])
             norms.append(out["grad_norm"])
@@ -228,12 +231,12 @@ class Trainer:
 
     def save_checkpoint(self, path: str) -> None:
         # Prefixed: DeepSpeed keeps its own 'skipped_steps' and drops clashing client keys on load.
-        counters = {"cispo_rl_updates": self.rl_updates, "cispo_skipped_steps": self.skipped_steps}
+        counters = {"cispo_skipped_steps": self.skipped_steps}
         self.engine.save_checkpoint(path, tag="state", client_state=counters, save_latest=False)
 
     def load_checkpoint(self, path: str) -> None:
         _, counters = self.engine.load_checkpoint(path, tag="state")
-        self.rl_updates, self.skipped_steps = counters["cispo_rl_updates"], counters["cispo_skipped_steps"]
+        self.skipped_steps = counters["cispo_skipped_steps"]
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -322,7 +325,8 @@ class TrainerGroup:
             plan, tokens = shard(batch, rows, a.normalization, len(self.ranks), self.recipe.trainer)
             plans.append(plan)
             counts.update(tokens)
-        stats = ray.get([rank.train_batch.remote([p[r] for p in plans], self.recipe.rollout.temperature)
+        first_update = (step - 1) * a.updates_per_batch  # the step's place on the learning-rate schedule
+        stats = ray.get([rank.train_batch.remote([p[r] for p in plans], self.recipe.rollout.temperature, first_update)
                          for r, rank in enumerate(self.ranks)])
         return {**merge_rank_figures(stats), "updates": len(plans),
                 "padding_fraction": 1 - counts["real_tokens"] / counts["padded_tokens"],

@@ -8,15 +8,18 @@ import sys
 from contextlib import closing
 
 import pytest
+import torch
 
+from cispo.batching import TrainBatch
 from cispo.collect import Collector, done
 from cispo.config import RecipeError, load_recipe
 from cispo.data import PromptSource
 from cispo.metrics import Timer, read_metrics
+from cispo.trainer import TrainerGroup
 from rewards.pool import ScoringPool
 from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
-from rollout.model import load_model
+from rollout.model import load_model, token_logprobs
 from tests.cispo.test_checkpoint import _comparable, sigkill_at_checkpoint
 from tests.conftest import REPO
 
@@ -62,6 +65,27 @@ def test_paused_responses_continue_under_new_weights_with_their_versions(tiny_mo
         assert all(len(t.response_ids) % CHUNK == 0 or done(t, BUDGET) for t in g.trajectories)
 
 
+def test_a_resumed_responses_logprobs_are_the_ones_a_single_pass_gives(tiny_model_dir, tiny_tokenizer):
+    """The IS weight of a token sampled after a pause divides by its rollout logprob: with the weights held
+    fixed across steps, a response decoded in chunks (re-prefilled at each resume) must carry the logprobs
+    one forward pass over prompt + response gives, token for token."""
+    recipe = load_recipe(RECIPE, PARTIAL)
+    model = load_model(tiny_model_dir)
+    engine = CispoEngine(load_model(tiny_model_dir), RolloutConfig(), tiny_tokenizer.pad_token_id, tiny_tokenizer)
+    source = PromptSource(recipe.data, recipe.run.seed)
+    with ScoringPool(1, 10.0) as scorer, closing(Collector(recipe, tiny_tokenizer, engine, scorer)) as collector:
+        finished = [t for step in (1, 2, 3, 4) for g in collector.submit(step, source, BUDGET, Timer()).result()[0]
+                    for t in g.trajectories]
+    resumed = [t for t in finished if len(t.response_ids) > CHUNK]
+    assert resumed  # some responses were paused and continued
+    with torch.no_grad():
+        for t in resumed:
+            ids = torch.tensor([t.prompt_ids + t.response_ids])
+            hidden = model.model(input_ids=ids).last_hidden_state[:, len(t.prompt_ids) - 1:-1]
+            whole, _ = token_logprobs(hidden, model.lm_head.weight, ids[:, len(t.prompt_ids):])
+            assert whole[0].tolist() == pytest.approx(t.logprobs, abs=1e-5)
+
+
 def test_the_schedule_depends_on_steps_and_tokens_and_a_resume_loses_nothing(tiny_model_dir, tiny_tokenizer):
     whole, _ = _steps(tiny_model_dir, tiny_tokenizer, [1, 2, 3, 4, 5])
     again, _ = _steps(tiny_model_dir, tiny_tokenizer, [1, 2, 3, 4, 5])
@@ -73,6 +97,33 @@ def test_the_schedule_depends_on_steps_and_tokens_and_a_resume_loses_nothing(tin
     groups = [(text, admitted) for step in whole for text, admitted, _, _ in whole[step][1::2]]  # n = 2 rows each
     assert len(groups) == len(set(groups))
     assert sum(a <= 3 for _, a in groups) == sum(whole[step][0] for step in (1, 2, 3))
+
+
+def test_the_learning_rate_follows_the_step_not_the_updates_done(ray_session, tiny_model_dir):
+    """An asynchronous partial run trains nothing at step 1 and, with dynamic sampling not refilling, fewer
+    groups than updates_per_batch at others: the schedule must still be where the step is. Warm-up 4 of 10
+    updates (5 steps of 2), then cosine to 0: step 4's first update is position 6, lr 1e-3·(1 + cos(π/3))/2
+    = 7.5e-4; step 5's second is position 9, 1e-3·(1 + cos(5π/6))/2 = 6.7e-5. Counting updates done
+    instead (the bug this catches) gives positions 0 and 2: 2.5e-4 and 7.5e-4."""
+    recipe = load_recipe(RECIPE, ["optim.lr=1e-3", "optim.warmup_steps=4", "optim.schedule=cosine", "run.threads=1",
+                                  "run.max_steps=5", "algorithm.updates_per_batch=2"])
+    ids = torch.randint(4, 12, (4, 8))
+    mask = torch.zeros(4, 7)
+    mask[:, 3:] = 1
+
+    def batch(groups: int) -> TrainBatch:  # `groups` prompt groups of 2 responses
+        rows = 2 * groups
+        return TrainBatch(ids[:rows], mask[:rows], torch.full((rows,), 8), -mask[:rows], torch.tensor([1.0, -1.0] * groups),
+                          torch.arange(groups).repeat_interleave(2), torch.zeros(rows, 7, dtype=torch.long))
+
+    trainers = TrainerGroup.start(recipe, str(tiny_model_dir))
+    try:
+        lone = trainers.train(batch(1), step=4)  # one group: one update, at the step's first position
+        both = trainers.train(batch(2), step=5)  # two updates, positions 8 and 9
+    finally:
+        trainers.shutdown()
+    assert lone["updates"] == 1 and lone["lr"] == pytest.approx(recipe.optim.lr_at(6, 10)) == pytest.approx(7.5e-4)
+    assert both["updates"] == 2 and both["lr"] == pytest.approx(recipe.optim.lr_at(9, 10)) == pytest.approx(6.699e-5, rel=1e-3)
 
 
 @pytest.mark.parametrize("override, why", [

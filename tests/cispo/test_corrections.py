@@ -47,6 +47,9 @@ def test_mismatch_figures_by_hand():
     # |log ρ| sorted: 0, log 3, log 4, log 8; the 0.99 quantile interpolates 97% of the way from log 4 to log 8.
     assert figures["mismatch_logprob_p99"] == pytest.approx(math.log(4) + 0.97 * (math.log(8) - math.log(4)), rel=1e-6)
     assert figures["correction_fraction"] == 0.5
+    # TIS (cap 2) touches only the ratios over its cap, 3 and 8: a weight it passes through unchanged is not counted.
+    tis = correction_factor(CorrectionConfig(correction="tis"), TRAINER, ROLLOUT, MASK)
+    assert mismatch_figures(TRAINER, ROLLOUT, MASK, tis)["correction_fraction"] == 0.5
     assert mismatch_figures(TRAINER, ROLLOUT, torch.zeros_like(MASK), factor) == {}
 
 
