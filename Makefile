@@ -25,10 +25,11 @@ run: setup
 # Two pytest-xdist workers, one per core. loadfile keeps each file on one worker, so its module fixtures (Ray
 # pools, RL runs, the sandbox's outer cap) are built once; files go out in collection order, slow tests first
 # (tests/conftest.py). (loadgroup's xdist_group marks do nothing under pytest 9.2 with xdist 3.8: it rewrites
-# a node id attribute pytest no longer reads.) JOBS=0 runs in one process.
+# a node id attribute pytest no longer reads.) JOBS=0 runs in one process. --durations=30: every log, CI's
+# included, names the slowest tests.
 JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder tests $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=30 tests $(ARGS)
 
 # README's main-job table: make run's recipe over seeds 0-4 (about 5 x 10 minutes on 2 idle cores).
 results: setup

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -6,6 +7,12 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One torch thread per test process, unless the caller says otherwise: `make test` runs a pytest worker per core
+# beside Ray actors and subprocesses, and torch's default of a thread per core oversubscribes the cores, so its
+# threads wait on each other at every small op (tiny models: the engine's batch-composition test on Llama took
+# 140 s with 2 threads and 6.6 s with 1, side by side in one process at a load average of 15 on 2 cores).
+# Actors set their own threads (run.threads); subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,15 +84,24 @@ def tiny_tokenizer():
     return build_char_tokenizer("0123456789+=\\boxed{}")
 
 
-def save_tiny_model(tok, path: Path) -> Path:
-    """A random tiny hybrid model (seed 0) for tokenizer `tok`, saved with it as an HF directory at `path`."""
+# M1's layout shrunk to its two layer kinds, a lightning layer then a softmax layer, each with the `tiny` preset's
+# 4 experts (recipes/tiny-tool.yaml's shape, 240k parameters): for checks that need both kinds of layer and
+# state, not the 8-layer preset's size, at about a quarter of its time per token.
+M1_TWO_LAYERS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, layer_types=["linear_attention", "full_attention"], block_size=16)
+TWO_LAYERS = f"model.overrides={json.dumps(M1_TWO_LAYERS)}"  # the same, as a recipe argument (JSON is YAML)
+
+
+def save_tiny_model(tok, path: Path, **overrides) -> Path:
+    """A random tiny hybrid model (seed 0; `overrides` change the `tiny` preset) for tokenizer `tok`, saved with
+    it as an HF directory at `path`."""
     import torch
 
     from rollout.model import build_hybrid, save_model
 
     torch.manual_seed(0)
     model = build_hybrid("tiny", len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
+                         eos_token_id=tok.eos_token_id, **overrides)
     save_model(model, tok, path)
     return path
 
@@ -94,3 +110,9 @@ def save_tiny_model(tok, path: Path) -> Path:
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A random tiny hybrid model saved as an HF directory with its tokenizer."""
     return save_tiny_model(tiny_tokenizer, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def two_layer_model_dir(tmp_path_factory, tiny_tokenizer):
+    """tiny_model_dir's model shrunk to M1_TWO_LAYERS, saved the same way."""
+    return save_tiny_model(tiny_tokenizer, tmp_path_factory.mktemp("two-layer-model"), **M1_TWO_LAYERS)

@@ -10,12 +10,13 @@ from cispo.loop import train
 from cispo.metrics import read_metrics
 from cispo.trainer import TrainerGroup
 from rollout.model import load_model
-from tests.conftest import REPO
+from tests.conftest import REPO, TWO_LAYERS
 
 HERE = Path(__file__).parent
-# One-digit addition from a random model, 2 RL steps, rewarded by response length (TRL's example reward,
-# from a module that imports quickly in the scoring processes): lengths differ, so groups have spread.
-TINY = ["sft.steps=0", "run.max_steps=2", "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4",
+# One-digit addition from a random model (M1's two layer kinds, tests/conftest.py), 2 RL steps, rewarded by
+# response length (TRL's example reward, from a module that imports quickly in the scoring processes):
+# lengths differ, so groups have spread.
+TINY = [TWO_LAYERS, "sft.steps=0", "run.max_steps=2", "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4",
         "rollout.n_samples=4", "run.threads=1", "wandb.mode=disabled", "optim.lr=1e-3", "optim.warmup_steps=0",
         "reward.name=tests.rewards.user_rewards:trl_length"]
 
