@@ -59,7 +59,14 @@ def _scorers() -> list:
     """The pool's scoring processes, as the OS sees them: this process's children serving rewards.pool."""
     import psutil
 
-    return [p for p in psutil.Process().children() if "rewards.pool import _serve" in " ".join(p.cmdline())]
+    scorers = []
+    for p in psutil.Process().children():
+        try:
+            if "rewards.pool import _serve" in " ".join(p.cmdline()):
+                scorers.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # another test's child, exited and not yet reaped
+            pass
+    return scorers
 
 
 def test_scorers_leave_group_signals_to_the_parent_and_dead_ones_are_replaced():
@@ -90,5 +97,6 @@ def test_scorers_leave_group_signals_to_the_parent_and_dead_ones_are_replaced():
         slow = pool.map(_hang, [sample("1.5"), sample("1.5")])
         assert [(r.status, r.score) for r in slow] == [("ok", 1.0), ("ok", 1.0)]
         assert not set(_scorers()) & set(busy)
+        assert not any(p.is_running() for p in busy)  # reaped by the pool, not left as zombies
         # The program a code reward runs gets a plain mask, as under a judge, not the scorer's.
         assert pool.map(_program_mask, [sample("")])[0] == RewardResult(0.0, "ok")
