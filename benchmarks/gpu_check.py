@@ -278,8 +278,8 @@ def check_recipe(args) -> None:
          last_metrics=json.loads(rows[-1]) if rows else None, stderr_tail=done.stderr[-800:])
 
 
-CHECKS = {"logprobs": check_logprobs, "families": check_families, "decode": check_decode, "engine": check_engine, "trainer": check_trainer,
-          "recipe": check_recipe}
+CHECKS = {"logprobs": check_logprobs, "families": check_families, "decode": check_decode, "engine": check_engine,
+          "trainer": check_trainer, "recipe": check_recipe}
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from cispo.export import export
 from cispo.loop import train
 from cispo.metrics import read_metrics
 from rewards.math import score
-from tests.conftest import REPO
+from tests.conftest import REPO, TWO_LAYERS
 
 # One-digit addition: 24 steps from the session's shared warm start (tests/conftest.py) exercise every part
 # (that RL learns is the slow test's claim). The old logprobs are recomputed by the trainer, so every step
@@ -51,11 +51,10 @@ def write_reversal_task(out_dir) -> tuple[str, str]:
 
 # The learning test's recipe: tiny-arith.yaml (its alphabet, math-verify and CISPO settings) changed as follows.
 LEARN = [
-    # M1's layout shrunk to 2 layers as in tiny-tool.yaml (a lightning layer, then a softmax layer; 240k
-    # parameters): a step costs a fraction of the 3.8M preset's. Countdown and two-digit sums did not learn on it
+    # M1's layout shrunk to 2 layers (tests/conftest.py, tiny-tool.yaml's shape: a lightning layer, then a softmax
+    # layer; 240k parameters): a step costs a fraction of the 3.8M preset's. Countdown and two-digit sums did not learn on it
     # (held-out accuracy 0.218 -> 0.226 in 60 steps at 3e-3, 0.252 -> 0.266 in 30 at 1e-3); reversing does.
-    "model.overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
-    "num_key_value_heads: 4, layer_types: [linear_attention, full_attention], block_size: 16}",
+    TWO_LAYERS,
     "data.source=jsonl", "data.eval_size=500",  # the standard error of one accuracy is at most 0.022
     "rollout.max_new_tokens=13",  # \boxed{dddd} and the end token
     # The warm start stops once greedy accuracy reaches 0.2 (checked every 25 steps): when reversing clicks
