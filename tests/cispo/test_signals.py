@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 # Each run starts from the session's shared warm start (tests/conftest.py), so no run spends time on SFT.
 ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
-        "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled", "run.max_steps=8",
-        "reward.num_workers=2",
+        "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled", "reward.num_workers=2",
+        # Six stops need six steps; a phase the poll misses (a loaded machine) moves its stop to a later step,
+        # so the chain has room to spare rather than run out of steps before its last stop (CI saw that at 8).
+        "run.max_steps=12",
         # Responses of up to 12 tokens in chunks of 6: most pause once; with overlap, trained up to 2 versions old.
         "rollout.partial_tokens=6", "rollout.overlap=true", "rollout.max_staleness=2",
         "algorithm.dynamic_sampling=false", "data.source=jsonl", "data.streaming=true"]
@@ -59,7 +61,8 @@ class Run:
         """The step at which `phase` is the newest step line on the console (at or after `first_step`)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
+            assert self.proc.poll() is None, f"the run ended before a {phase} phase at step {first_step} or later:\n" \
+                                             + self.output()
             lines = [line for line in self.output().splitlines() if line.startswith("step ")]
             if lines and lines[-1].endswith(f": {phase}"):
                 step = int(lines[-1].split()[1].rstrip(":"))
