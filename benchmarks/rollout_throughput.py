@@ -10,8 +10,12 @@ left-padded batches (docs/notes.md#model). Our engine runs as a worker runs it (
 attention, fp32 head) on a copy of the same weights. Useful tokens are the budgets' sum, the same for both.
 
     python benchmarks/rollout_throughput.py [--repeats 3] [--threads 1] [--models small tiny-qwen3_5]
+                                            [--prompts 8] [--max-rows 64]
 
-Prints one JSON line: per model, median seconds and useful tokens/s for each engine, and the speed-up.
+Prints one JSON line: per model, median seconds and useful tokens/s for each engine, and the speed-up, in wall
+time and in CPU seconds of the process (on a loaded machine, wall time mostly measures the other processes).
+`--prompts 32 --max-rows 64` is an RL step with more prompts than fit at once: our engine decodes at most 64
+rows (queued prompts join as rows finish), HF runs batches of 64 rows (8 prompts), each to its longest budget.
 
     python benchmarks/rollout_throughput.py --dense [--models llama-1m llama-20m] [--repeats 3] [--threads 1]
 
@@ -48,31 +52,35 @@ from rollout.trajectory import Request, SamplingParams
 VOCAB, PROMPTS, SAMPLES, PROMPT_LEN = 4096, 8, 8, 32
 
 
-def budgets(seed: int) -> list[int]:
+def budgets(seed: int, prompts: int = PROMPTS) -> list[int]:
     """Long-tailed budgets: log-normal (median 128, sigma 1) clipped to [32, 1024]."""
     g = torch.Generator().manual_seed(seed)
-    draws = torch.exp(torch.log(torch.tensor(128.0)) + torch.randn(PROMPTS, generator=g))
+    draws = torch.exp(torch.log(torch.tensor(128.0)) + torch.randn(prompts, generator=g))
     return [int(b) for b in draws.clamp(32, 1024)]
 
 
-def run_engine(engine, prompts, lengths) -> float:
+def run_engine(engine, prompts, lengths) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for the engine to generate every request."""
     requests = [Request(p, n=SAMPLES, seed=i, params=SamplingParams(max_new_tokens=b, temperature=1.0))
                 for i, (p, b) in enumerate(zip(prompts, lengths))]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = engine.generate(requests)
     assert [len(c.response_ids) for c in out] == [b for b in lengths for _ in range(SAMPLES)]
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_hf(model, prompts, lengths) -> float:
-    ids = torch.tensor(prompts)  # equal lengths: no padding needed
-    t0 = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=new_cache(model),
-                         max_new_tokens=max(lengths), do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, num_return_sequences=SAMPLES, eos_token_id=None, pad_token_id=0)
-    responses = [row[PROMPT_LEN:PROMPT_LEN + lengths[i // SAMPLES]] for i, row in enumerate(out.tolist())]
-    assert [len(r) for r in responses] == [b for b in lengths for _ in range(SAMPLES)]
-    return time.perf_counter() - t0
+def run_hf(model, prompts, lengths, batch_rows: int = PROMPTS * SAMPLES) -> tuple[float, float]:
+    """(wall, CPU seconds) for HF generate, in batches of `batch_rows` rows, each run to its longest budget."""
+    step = batch_rows // SAMPLES
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(prompts), step):
+        ids, part = torch.tensor(prompts[i:i + step]), lengths[i:i + step]  # equal lengths: no padding needed
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=new_cache(model),
+                             max_new_tokens=max(part), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             num_return_sequences=SAMPLES, eos_token_id=None, pad_token_id=0)
+        responses = [row[PROMPT_LEN:PROMPT_LEN + part[j // SAMPLES]] for j, row in enumerate(out.tolist())]
+        assert [len(r) for r in responses] == [b for b in part for _ in range(SAMPLES)]
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 # Llama shapes (head size 32: vLLM's CPU attention takes 32 and up) of about 1M and 20M parameters.
@@ -106,8 +114,8 @@ def dense(args) -> None:
         ours.load_weights(model.state_dict(), 0)
         vllm = VLLMEngine(make(), RolloutConfig(max_batch_rows=PROMPTS * SAMPLES), 0)
         vllm.load_weights(model.state_dict(), 0)
-        runs = [(run_engine(ours, prompts, lengths), run_hf(model, prompts, lengths),
-                 run_engine(vllm, prompts, lengths)) for _ in range(args.repeats)]
+        runs = [(run_engine(ours, prompts, lengths)[0], run_hf(model, prompts, lengths)[0],
+                 run_engine(vllm, prompts, lengths)[0]) for _ in range(args.repeats)]
         ours_s, hf_s, vllm_s = (statistics.median(r) for r in zip(*runs))
         print(json.dumps({
             "benchmark": "rollout_throughput_dense", "model": name, "parameters": sum(p.numel() for p in model.parameters()),
@@ -169,6 +177,9 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="ours, HF and vLLM on ~1M and ~20M Llama models")
     ap.add_argument("--llamacpp", action="store_true", help="ours and llama.cpp, greedy, on 8 and 64 sequences")
     ap.add_argument("--new-tokens", type=int, default=128, help="with --llamacpp: each sequence's budget")
+    ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts (of 8 samples each) in the long-tailed run")
+    ap.add_argument("--max-rows", type=int, default=PROMPTS * SAMPLES, help="rows decoding at once: our engine's "
+                    "max_batch_rows, and HF's batch (it runs the prompts in batches of this many rows)")
     ap.add_argument("--models", nargs="+", metavar="MODEL",
                     help="model presets (rollout.config.PRESETS), each timed on its own random weights; with "
                          f"--dense, names from {sorted(DENSE)}")
@@ -181,11 +192,13 @@ def main() -> None:
         args.models = args.models or ["small"]
         return llamacpp(args)
     args.models = args.models or ["small", "tiny-qwen3_5"]
-    lengths = budgets(args.seed)
-    prompts = torch.randint(4, VOCAB, (PROMPTS, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths = budgets(args.seed, args.prompts)
+    prompts = torch.randint(4, VOCAB, (args.prompts, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
     useful = SAMPLES * sum(lengths)
-    result = {"benchmark": "rollout_throughput", "vocab": VOCAB, "requests": f"{PROMPTS}x{SAMPLES}",
-              "budgets": lengths, "useful_tokens": useful, "hf_generated_tokens": PROMPTS * SAMPLES * max(lengths),
+    step = args.max_rows // SAMPLES
+    hf_generated = sum(SAMPLES * len(lengths[i:i + step]) * max(lengths[i:i + step]) for i in range(0, len(lengths), step))
+    result = {"benchmark": "rollout_throughput", "vocab": VOCAB, "requests": f"{args.prompts}x{SAMPLES}",
+              "max_rows": args.max_rows, "budgets": lengths, "useful_tokens": useful, "hf_generated_tokens": hf_generated,
               "repeats": args.repeats, "threads": args.threads, "hf_cache": "cache=new_cache(model)"}
     for preset in args.models:
         torch.manual_seed(args.seed)
@@ -193,14 +206,17 @@ def main() -> None:
         model.generation_config.eos_token_id = None
         # The engine as a rollout worker runs it (decode attention, fp32 head) on a copy of the same weights;
         # HF keeps SDPA, its default. Alternate the two, so that load from other processes hits both alike.
-        engine = CispoEngine(build_model(preset, VOCAB).eval(), RolloutConfig(), pad_id=0)
+        engine = CispoEngine(build_model(preset, VOCAB).eval(), RolloutConfig(max_batch_rows=args.max_rows), pad_id=0)
         engine.load_weights(model.state_dict(), 0)
-        runs = [(run_engine(engine, prompts, lengths), run_hf(model, prompts, lengths)) for _ in range(args.repeats)]
-        engine_s, hf_s = (statistics.median(r) for r in zip(*runs))
+        runs = [(*run_engine(engine, prompts, lengths), *run_hf(model, prompts, lengths, args.max_rows))
+                for _ in range(args.repeats)]
+        # Wall and CPU seconds: on a loaded machine, wall time mostly measures the other processes.
+        engine_s, engine_cpu, hf_s, hf_cpu = (statistics.median(r) for r in zip(*runs))
         result.update({f"{preset}_engine_median_s": round(engine_s, 2), f"{preset}_hf_median_s": round(hf_s, 2),
                        f"{preset}_engine_tokens_per_s": round(useful / engine_s, 1),
                        f"{preset}_hf_tokens_per_s": round(useful / hf_s, 1),
-                       f"{preset}_speedup": round(hf_s / engine_s, 2)})
+                       f"{preset}_speedup": round(hf_s / engine_s, 2), f"{preset}_engine_cpu_s": round(engine_cpu, 2),
+                       f"{preset}_hf_cpu_s": round(hf_cpu, 2), f"{preset}_cpu_speedup": round(hf_cpu / engine_cpu, 2)})
     result["target_speedup"] = 2.0
     print(json.dumps(result))
 

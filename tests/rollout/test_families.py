@@ -64,6 +64,20 @@ def test_greedy_tokens_equal_hf_generate(preset):
         assert c.response_ids == hf[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3_5_moe"])
+def test_expert_weights_keep_the_engines_layout_through_weight_updates(preset):
+    # The engine stores [experts, out, in] weights transposed in memory (grouped GEMMs read them faster on
+    # the CPU); a weight update must write the new values into that layout, or the speed-up silently goes.
+    engine = CispoEngine(_model(preset), RolloutConfig(), pad_id=0)
+    new = {k: v + 0.5 if ".experts." in k else v for k, v in _model(preset).state_dict().items()}
+    engine.load_weights(new, 1)
+    experts = [(n, p) for n, p in engine.model.named_parameters() if ".experts." in n]
+    assert experts
+    for n, p in experts:
+        assert p.mT.is_contiguous() and not p.is_contiguous(), n
+        assert torch.equal(p, new[n]), n
+
+
 def _prefill(model, prompts):
     """A left-padded prefill of `prompts` into a fresh cache; returns (cache, mask, last logits)."""
     width = max(map(len, prompts))
