@@ -353,21 +353,22 @@ def _store_experts_transposed(model) -> None:
     """Store each [experts, out, in] expert weight of `model` in [experts, in, out] memory order, same shape
     and values, so that the weight grouped GEMMs read (its transpose) is contiguous.
 
-    On the CPU the transposed view cost each MoE layer a pass over its expert weights per step, beyond the
-    GEMM's own read: this layout cut a MiniMax `small` decode step's CPU time by 13% at 8 rows (4% at 64;
-    logits within 1e-6, same tokens). `load_state_dict` copies into the parameters in place, so weight
-    updates keep the layout. Experts already stored [experts, in, out] (`is_transposed`) are left as they are.
+    On the CPU, torch's grouped GEMM is slower over the non-contiguous transposed view of weights not in cache:
+    this layout cut the experts of MiniMax `small` from 14.0 to 10.6 ms a step at 8 rows and a whole decode
+    step's CPU time by 13% at 1 and 8 rows, 4% at 64 (same tokens, logits within 1e-6: another GEMM order). `load_state_dict` copies into the parameters in place, so weight
+    updates keep the layout. Experts already stored [experts, in, out] (`is_transposed`) are left as they are,
+    and so are weights on other devices: only the CPU was measured.
     """
     for module in model.modules():
         if getattr(module, "is_transposed", None) is False:  # set on every `use_experts_implementation` class
             for p in module.parameters(recurse=False):
-                if p.dim() == 3:
+                if p.dim() == 3 and p.device.type == "cpu":
                     p.data = p.data.mT.contiguous().mT
 
 
 class CispoEngine(Engine):
     """This module's `generate` as an engine. It switches the model to the decode attention kernel and
-    MoE experts to grouped GEMMs, and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
+    MoE experts to grouped GEMMs (on the CPU with their weights stored transposed in memory), and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
     CUDA a MiniMax model's lightning attention runs fla's kernels (rollout.kernels), and so do Gated
     DeltaNet and KDA layers of a model from `build_model` or `load_model`.
     `head_dtype=torch.bfloat16` keeps the head in bf16 instead, as M1 had it before its fix; only
