@@ -208,7 +208,7 @@ def check_engine(args) -> None:
     engine.load_weights(model.state_dict(), 0)
     lengths = budgets(0)
     prompts = torch.randint(4, args.vocab, (8, 32), generator=torch.Generator().manual_seed(1)).tolist()
-    runs = [(run_engine(engine, prompts, lengths), run_hf(model, prompts, lengths)) for _ in range(args.repeats)]
+    runs = [(run_engine(engine, prompts, lengths)[0], run_hf(model, prompts, lengths)[0]) for _ in range(args.repeats)]
     engine_s, hf_s = (statistics.median(r) for r in zip(*runs))
     useful = 8 * sum(lengths)
     emit("engine", budgets=lengths, useful_tokens=useful, engine_median_s=round(engine_s, 3),
