@@ -16,7 +16,7 @@ from cispo.data import PromptSource, Stream, read_rows
 from cispo.loop import train
 from cispo.metrics import read_metrics
 from rollout.model import build_char_tokenizer
-from tests.conftest import REPO, save_tiny_model
+from tests.conftest import M1_TWO_LAYERS, REPO, save_tiny_model
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -151,10 +151,11 @@ def test_reward_sources_may_name_a_rows_own_source_only_when_the_data_names_them
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    """A random tiny hybrid whose tokenizer has a chat template (verl's prompts are chat messages)."""
+    """A random tiny hybrid (M1's two layer kinds, tests/conftest.py) whose tokenizer has a chat template (verl's
+    prompts are chat messages)."""
     tok = build_char_tokenizer("0123456789+=<>abcdefghijklmnopqrstuvwxyz\\{}")
     tok.chat_template = TEMPLATE
-    return save_tiny_model(tok, tmp_path_factory.mktemp("chat-model"))
+    return save_tiny_model(tok, tmp_path_factory.mktemp("chat-model"), **M1_TWO_LAYERS)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from rollout.config import RolloutConfig
 from rollout.engine import CispoEngine
 from rollout.model import CHATML, build_char_tokenizer, load_model, load_tokenizer
 from rollout.trajectory import RolloutInput, SamplingParams, Trajectory
-from tests.conftest import REPO, save_tiny_model
+from tests.conftest import M1_TWO_LAYERS, REPO, save_tiny_model
 from tests.rollout.reference import teacher_forced
 
 RECIPE = REPO / "recipes/tiny-arith.yaml"
@@ -40,7 +40,7 @@ def chat_model_dir(tmp_path_factory):
     tok = build_char_tokenizer(string.digits + string.ascii_letters + string.punctuation + " \n")
     tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS})
     tok.chat_template = CHATML
-    return save_tiny_model(tok, tmp_path_factory.mktemp("chat-model"))
+    return save_tiny_model(tok, tmp_path_factory.mktemp("chat-model"), **M1_TWO_LAYERS)
 
 
 def _recipe(model_dir, *overrides):
@@ -254,9 +254,9 @@ def test_a_gymnasium_or_openenv_environment_trains_through_a_recipe(ray_session,
     train(_recipe(chat_model_dir, f"env.name={env}", "env.max_turns=2",
                   "env.max_turn_tokens=6", "rollout.max_new_tokens=48", "algorithm.dynamic_sampling=false",
                   "sft.steps=0", "data.eval_size=4", "data.prompts_per_step=4", "rollout.n_samples=4",
-                  "run.max_steps=3", "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"))
+                  "run.max_steps=2", "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"))
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2]  # step 2 samples from the weights step 1 trained and published
     for r in rows:
         assert r["episode_end_max_turns"] + r["episode_end_done"] + r["episode_end_token_budget"] == 16
         assert r["episode_turns"] > 16 and math.isfinite(r["loss"]) and r["grad_norm"] > 0

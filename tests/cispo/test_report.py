@@ -16,7 +16,8 @@ from tests.conftest import REPO
 
 RECIPE = REPO / "recipes/tiny-arith.yaml"
 # lr 1e-3 moves the policy enough within a batch's two updates for PPO-clip to bind on some tokens.
-SHORT = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=8", "run.max_steps=4", "run.eval_every=2",
+# 3 steps, evaluated at step 2 (run.eval_every) and at the last, which is no multiple of it.
+SHORT = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=8", "run.max_steps=3", "run.eval_every=2",
          "optim.lr=1e-3", "optim.warmup_steps=0", "wandb.mode=disabled", "run.threads=1"]
 DAPO = ["algorithm.name=dapo", "algorithm.eps_high=0.28", "algorithm.eps_low=0.2", "algorithm.normalization=token"]
 
@@ -74,7 +75,7 @@ def test_report_draws_and_tabulates_real_runs(runs, tmp_path, capsys):
     # Labelled by the recipe file and the keys that differ; the seed is not one of them.
     assert cispo.startswith("tiny-arith algorithm.name=cispo algorithm.eps_high=4.0") and "run.seed" not in cispo
     assert dapo == "tiny-arith " + " ".join(DAPO)
-    assert table[cispo]["runs"] == "2" and table[dapo]["runs"] == "1" and table[dapo]["steps"] == "4"
+    assert table[cispo]["runs"] == "2" and table[dapo]["runs"] == "1" and table[dapo]["steps"] == "3"
 
     expected = _figures(runs["dapo-0"])
     for header, fmt in FORMATS.items():
@@ -94,7 +95,7 @@ def test_report_draws_and_tabulates_real_runs(runs, tmp_path, capsys):
 @pytest.mark.slow
 def test_metrics_rows_carry_eval_accuracy_and_the_fork_tokens(runs):
     rows = read_metrics(runs["dapo-0"])
-    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]  # run.eval_every=2, and the last step
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 3]  # run.eval_every=2, and the last step
     assert rows[-1]["eval_accuracy"] == _summary(runs["dapo-0"])["eval_accuracy_end"]
     # Every row names its PPO-zeroed tokens (id, text, count), and names some exactly when some were zeroed.
     for row in rows:
@@ -110,10 +111,10 @@ def test_seeds_form_one_configuration_drawn_as_mean_and_band(runs):
     assert [r.dir for r in dapo.runs] == [runs["dapo-0"]]
     steps, mean, low, high = cispo.curve("reward_mean")
     per_seed = [[r["reward_mean"] for r in read_metrics(runs[n])] for n in ("cispo-0", "cispo-1")]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3]
     assert mean == pytest.approx([statistics.fmean(v) for v in zip(*per_seed)])
     assert low == [min(v) for v in zip(*per_seed)] and high == [max(v) for v in zip(*per_seed)]
-    assert cispo.curve("eval_accuracy")[0] == [0, 2, 4]  # before RL, then each eval step
+    assert cispo.curve("eval_accuracy")[0] == [0, 2, 3]  # before RL, then each eval step
 
     # One configuration alone is named by its recipe; several runs default to their common parent dir.
     assert [c.label for c in group_runs([runs["cispo-0"], runs["cispo-1"]])] == ["tiny-arith"]
