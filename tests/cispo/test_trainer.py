@@ -161,6 +161,9 @@ def reference(ray_session, two_layer_model_dir, rl_batch):
     return steps, state
 
 
+# Slow: 2 ZeRO-3 ranks (21-27 s). The quick loop keeps the recomputed π_old: the correction test below measures it
+# against the same noisy μ, and test_end_to_end's short run recomputes it every step to within 1e-4 of the rollout's.
+@pytest.mark.slow
 def test_recomputed_old_logprobs_make_the_first_update_on_policy(ray_session, two_layer_model_dir, rl_batch):
     """rl_batch's old logprobs are the model's plus N(0, 0.05) noise: recomputing them before the update
     finds that gap (E|noise| = 0.05·√(2/π) ≈ 0.040) and leaves an IS weight of exactly 1."""
