@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -30,6 +32,9 @@ def _kill_nodes(temp_dir: Path) -> None:
             pass
 
 
+# Slow: two `ray start` nodes and a run across them (25 s idle). The quick loop runs the same `cispo train` from the
+# warm start on one node (test_checkpoint's SIGTERM test); only the placement by node resource is this test's own.
+@pytest.mark.slow
 def test_tiny_recipe_on_two_nodes(warm_arith, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # Short paths: Ray's unix sockets live under the temp dir, and socket paths max out at 107 bytes.

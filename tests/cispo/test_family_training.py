@@ -3,7 +3,7 @@ HF directory, `model.path=DIR`, ZeRO-3 with the family's MoE blocks as leaves, t
 (GDN, KDA and Mamba2 recurrent and conv states, lightning KᵀV, softmax KV), 3 RL steps each."""
 import pytest
 import torch
-from transformers import Qwen2Config
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from cispo.config import RecipeError, load_recipe
 from cispo.loop import train
@@ -12,7 +12,7 @@ from rollout.model import build_model, save_model
 from tests.conftest import REPO
 
 # The issue's list: Qwen3.5, Qwen3.5-MoE, Qwen3-Next (GDN), Kimi Linear (KDA), Nemotron-H (Mamba2),
-# MiniMax (lightning, preset `tiny`) and Llama (dense).
+# MiniMax (lightning, preset `tiny`) and Llama (dense: any HF causal LM's path, from a model directory).
 FAMILIES = ["tiny-qwen3_5", "tiny-qwen3_5_moe", "tiny-qwen3_next", "tiny-kimi_linear", "tiny-nemotron_h", "tiny",
             "tiny-llama"]
 
@@ -49,6 +49,10 @@ def test_three_rl_steps_on_a_model_directory(ray_session, tiny_tokenizer, tmp_pa
     print(f"{preset}: old_logprob_gap {gaps}")
     assert max(gaps) <= 1e-4, gaps
     assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
+    # The run's final model is the family's own class, as transformers loads it, with moved weights.
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run/final")
+    assert type(trained) is type(model)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in trained.state_dict().items())
 
 
 def test_cispo_train_refuses_an_unsupported_layer_before_weights_load_or_ray(tmp_path):

@@ -7,7 +7,7 @@ from cispo.config import load_recipe
 from cispo.loop import train
 from cispo.metrics import read_metrics
 from rewards import sandbox
-from tests.conftest import REPO
+from tests.conftest import REPO, TWO_LAYERS
 
 BAD = ["{not json", json.dumps({"answer": "{}"}), json.dumps({"prompt": "", "answer": "{}"})]
 
@@ -25,7 +25,8 @@ def test_sandbox_level_and_skipped_rows_are_in_every_row(ray_session, tmp_path):
         f"eval_path: {tmp_path}/eval.jsonl}}]", "reward.sources={code: code}", "data.on_bad_row=skip",
         "model.alphabet=0123456789x+-*=;()intpur\\\\boxed{}", "data.digits=1", "data.eval_size=2",
         "data.prompts_per_step=4", "rollout.n_samples=2", "sft.steps=0", "algorithm.dynamic_sampling=false",
-        "run.max_steps=2", "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"])
+        "run.max_steps=2", "run.threads=1", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
+        TWO_LAYERS])  # the records do not depend on the model's size
     assert recipe.reward.name == "math" and recipe.uses_sandbox()
     train(recipe)
     rows = read_metrics(tmp_path / "run")

@@ -47,6 +47,9 @@ def test_trainer_learns_and_publishes_versioned_weights(ray_session, two_layer_m
         pool.shutdown()
 
 
+# Slow: a bf16 rollout worker and two trainer starts on the 8-layer model (24-39 s). The quick loop keeps the same
+# claim in-process, on the same requests: tests/rollout/test_routing.py's replaying-lowers-the-KL test.
+@pytest.mark.slow
 def test_routing_replay_lowers_the_ranks_measured_mismatch_with_bf16_rollouts(ray_session, tiny_model_dir,
                                                                            tiny_tokenizer):
     """algorithm.routing_replay end to end: bf16 rollout workers record each token's experts, the batch carries
@@ -95,32 +98,38 @@ def rl_batch(two_layer_model_dir, tiny_tokenizer):
                       torch.arange(groups).repeat_interleave(g), torch.zeros_like(mask, dtype=torch.long))
 
 
-def _trajectory(ray, args, model_dir, batch, checkpoint_dir=None):
+def _trajectory(ray, args, model_dir, batch, checkpoint_dir=None, steps=3):
+    """`steps` RL steps on `batch` by a fresh TrainerGroup (2 updates each unless `args` say otherwise): each
+    step's figures and the final state dict."""
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["optim.lr=1e-3", "optim.warmup_steps=0", "run.threads=1",
                                                             "algorithm.updates_per_batch=2", *args])
     trainers = TrainerGroup.start(recipe, str(model_dir))
     try:
-        steps = [trainers.train(batch, step) for step in range(1, 4)]
+        figures = [trainers.train(batch, step) for step in range(1, steps + 1)]
         state = trainers.state_dict()
         if checkpoint_dir:
             trainers.save(checkpoint_dir)
     finally:
         trainers.shutdown()
-    return steps, state
+    return figures, state
 
 
 MICRO = "trainer.micro_batch_tokens=40"  # 2-3 rows per micro-batch, 3-4 micro-batches per update and rank
 OFFLOAD = "trainer.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}, offload_param: {device: cpu}}}"
 
 
+# The quick loop runs micro-batches on one rank and on two ZeRO-3 ranks (partitioned weights, and a minibatch's
+# loss weights split across ranks and micro-batches); the other layouts (10-20 s each) run in `make test`.
 @pytest.mark.parametrize("args, loss_rtol, weight_atol", [
-    ([MICRO], 1e-4, 1e-4),
-    (["trainer.num_ranks=2", MICRO], 1e-4, 1e-4),
-    (["trainer.num_ranks=2", "trainer.zero_stage=3", MICRO], 1e-4, 1e-4),
-    (["trainer.zero_stage=3", "trainer.gradient_checkpointing=true", OFFLOAD, MICRO], 1e-4, 1e-4),
+    pytest.param([MICRO], 1e-4, 1e-4, id="micro-batches"),
+    pytest.param(["trainer.num_ranks=2", MICRO], 1e-4, 1e-4, id="2-ranks-zero2", marks=pytest.mark.slow),
+    pytest.param(["trainer.num_ranks=2", "trainer.zero_stage=3", MICRO], 1e-4, 1e-4, id="2-ranks-zero3"),
+    pytest.param(["trainer.zero_stage=3", "trainer.gradient_checkpointing=true", OFFLOAD, MICRO], 1e-4, 1e-4,
+                 id="zero3-offload-checkpointing", marks=pytest.mark.slow),
     # bf16 keeps 8 mantissa bits (~4e-3 relative per rounding); measured 3e-3 on the loss.
-    (["trainer.num_ranks=2", "trainer.deepspeed={bf16: {enabled: true}}", MICRO], 1e-2, None),
-], ids=["micro-batches", "2-ranks-zero2", "2-ranks-zero3", "zero3-offload-checkpointing", "2-ranks-bf16"])
+    pytest.param(["trainer.num_ranks=2", "trainer.deepspeed={bf16: {enabled: true}}", MICRO], 1e-2, None,
+                 id="2-ranks-bf16", marks=pytest.mark.slow),
+])
 def test_ranks_zero_stages_and_micro_batches_give_one_trajectory(ray_session, two_layer_model_dir, rl_batch, reference,
                                                                  args, loss_rtol, weight_atol, tmp_path):
     """The loss weights of a whole minibatch travel with each micro-batch, so every layout computes the
@@ -152,11 +161,14 @@ def reference(ray_session, two_layer_model_dir, rl_batch):
     return steps, state
 
 
+# Slow: 2 ZeRO-3 ranks (21-27 s). The quick loop keeps the recomputed π_old: the correction test below measures it
+# against the same noisy μ, and test_end_to_end's short run recomputes it every step to within 1e-4 of the rollout's.
+@pytest.mark.slow
 def test_recomputed_old_logprobs_make_the_first_update_on_policy(ray_session, two_layer_model_dir, rl_batch):
     """rl_batch's old logprobs are the model's plus N(0, 0.05) noise: recomputing them before the update
     finds that gap (E|noise| = 0.05·√(2/π) ≈ 0.040) and leaves an IS weight of exactly 1."""
     steps, _ = _trajectory(ray_session, ["trainer.num_ranks=2", "trainer.zero_stage=3", MICRO, "algorithm.updates_per_batch=1",
-                                         "algorithm.old_logprobs=recompute"], two_layer_model_dir, rl_batch)
+                                         "algorithm.old_logprobs=recompute"], two_layer_model_dir, rl_batch, steps=2)
     assert 0.035 < steps[0]["old_logprob_gap"] < 0.045
     assert steps[0]["is_weight_mean"] == pytest.approx(1.0, abs=1e-6) and steps[0]["is_weight_max"] == pytest.approx(1.0, abs=1e-5)
     assert steps[1]["old_logprob_gap"] > steps[0]["old_logprob_gap"]  # the batch's logprobs are now a step stale
@@ -190,10 +202,11 @@ def test_a_mismatch_correction_reaches_the_loss_on_every_rank(ray_session, two_l
     ≈ 0.30 of them, and KL(μ ‖ π_old) ≈ E[noise²]/2 = 0.00125. A band no ratio falls in leaves no gradient."""
     icepop = ["algorithm.old_logprobs=recompute", "algorithm.correction=icepop"]
     steps, _ = _trajectory(ray_session, ["trainer.num_ranks=2", MICRO, *icepop, "algorithm.icepop_band=[0.95,1.05]"],
-                           two_layer_model_dir, rl_batch)
+                           two_layer_model_dir, rl_batch, steps=1)
     assert 0.2 < steps[0]["correction_fraction"] < 0.42
     assert steps[0]["mismatch_kl"] == pytest.approx(0.00125, rel=0.3)
     assert 0.09 < steps[0]["mismatch_logprob_p99"] < 0.2  # |noise| at 0.99: 2.58 σ = 0.13
     assert steps[0]["staleness_0"] > 0 and steps[0]["grad_norm"] > 0
-    frozen, _ = _trajectory(ray_session, [*icepop, "algorithm.icepop_band=[2,5]"], two_layer_model_dir, rl_batch)
+    frozen, _ = _trajectory(ray_session, [*icepop, "algorithm.icepop_band=[2,5]"], two_layer_model_dir, rl_batch,
+                            steps=1)
     assert frozen[0]["correction_fraction"] == 1.0 and frozen[0]["grad_norm"] == 0.0

@@ -65,6 +65,9 @@ def test_a_rank_that_cannot_import_the_loss_says_so_and_frees_the_ranks(ray_sess
     assert len(ours) == 1 and ours[0]["state"] == "REMOVED"
 
 
+# Slow: a whole run (10-16 s). The quick loop keeps GSPO's loss (tests/cispo/test_loss.py) and a named loss trained
+# through a recipe on every rank (the user's loss above); this is their integration, run by `make test`.
+@pytest.mark.slow
 def test_gspo_trains_through_a_recipe(ray_session, tmp_path):
     # GSPO's ε (3e-4, 4e-4 in the paper) bound a sequence's geometric-mean ratio.
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", TINY + [

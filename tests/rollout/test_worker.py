@@ -1,7 +1,8 @@
 """The Ray rollout pool: same outputs on 1 or 2 workers as in-process, versioned weights, failover.
 
 Two worker actors serve the whole module (each costs seconds to start); the failover test kills
-one, so it runs last.
+one, so it runs last. The model is M1's two layer kinds (tests/conftest.py), at about a quarter of the 8-layer
+preset's time a token: this module checks the pool (shares, versions, failover); the engine's tests check layers.
 """
 import itertools
 import os
@@ -37,8 +38,8 @@ def _view(completions):
 
 
 @pytest.fixture(scope="module")
-def workers(ray_session, tiny_model_dir):
-    pool = RolloutPool.start(2, str(tiny_model_dir), 0, RolloutConfig(threads=1, max_batch_rows=4))
+def workers(ray_session, two_layer_model_dir):
+    pool = RolloutPool.start(2, str(two_layer_model_dir), 0, RolloutConfig(threads=1, max_batch_rows=4))
     yield list(pool.workers)
     pool.shutdown()
 
@@ -59,8 +60,8 @@ def test_a_session_always_goes_to_the_worker_that_keeps_its_state():
     assert [next(w for w, share in enumerate(shares) if i in share) for i in range(6)] == [s % 3 for s in sessions]
 
 
-def test_one_or_two_workers_match_in_process(workers, tiny_model_dir):
-    model = load_model(tiny_model_dir).eval()
+def test_one_or_two_workers_match_in_process(workers, two_layer_model_dir):
+    model = load_model(two_layer_model_dir).eval()
     for temperature in (0.0, 1.0):
         requests = _requests(temperature)
         local = generate(model, requests, pad_id=0)
@@ -70,18 +71,18 @@ def test_one_or_two_workers_match_in_process(workers, tiny_model_dir):
             assert max(abs(a - b) for c, d in zip(out, local) for a, b in zip(c.logprobs, d.logprobs)) < 1e-5
 
 
-def test_submitted_rollouts_run_while_the_caller_goes_on(workers, tiny_model_dir):
+def test_submitted_rollouts_run_while_the_caller_goes_on(workers, two_layer_model_dir):
     pool = RolloutPool(workers)
     greedy, sampled = _requests(0.0), _requests(1.0)
     first, second = pool.submit(greedy), pool.submit(sampled)  # both in flight before either is collected
-    model = load_model(tiny_model_dir).eval()
+    model = load_model(two_layer_model_dir).eval()
     assert _view(second.result()) == _view(generate(model, sampled, pad_id=0))
     assert _view(first.result()) == _view(generate(model, greedy, pad_id=0))
 
 
-def test_update_weights_is_versioned(workers, tiny_model_dir):
+def test_update_weights_is_versioned(workers, two_layer_model_dir):
     pool = RolloutPool(workers)
-    model = load_model(tiny_model_dir).eval()
+    model = load_model(two_layer_model_dir).eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
@@ -92,16 +93,16 @@ def test_update_weights_is_versioned(workers, tiny_model_dir):
     pool.update_weights(original, version=8)
 
 
-def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
+def test_engine_is_chosen_by_recipe_key(ray_session, two_layer_model_dir):
     """An `hf` worker (transformers' generate) gives the same records, with teacher-forced fp32 logprobs."""
     with pytest.raises(ValidationError, match="'cispo', 'hf' or 'vllm'"):
         RolloutConfig(engine="sglang")
     assert set(ENGINES) == set(typing.get_args(RolloutConfig.model_fields["engine"].annotation))
-    model = load_model(tiny_model_dir).eval()
+    model = load_model(two_layer_model_dir).eval()
     greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(7,), repetition_tokens=100)
     sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=5, repetition_tokens=100)
     requests = [Request(PROMPTS[0], params=greedy), Request(PROMPTS[1], n=3, seed=5, params=sampled)]
-    pool = RolloutPool.start(1, str(tiny_model_dir), 0, RolloutConfig(threads=1, engine="hf"))
+    pool = RolloutPool.start(1, str(two_layer_model_dir), 0, RolloutConfig(threads=1, engine="hf"))
     try:
         out = pool.generate(requests)
         with pytest.raises(Exception, match="does not support stop_strings"):
@@ -117,7 +118,7 @@ def test_engine_is_chosen_by_recipe_key(ray_session, tiny_model_dir):
     assert all(len(c.response_ids) == 10 and c.finish_reason == "length" for c in out[1:])
 
 
-def test_dead_worker_requests_rerun_on_survivor(workers, tiny_model_dir):
+def test_dead_worker_requests_rerun_on_survivor(workers, two_layer_model_dir):
     pool = RolloutPool(workers)
     requests = _requests(1.0)
     expected = RolloutPool(workers[:1]).generate(requests)
@@ -136,5 +137,5 @@ def test_dead_worker_requests_rerun_on_survivor(workers, tiny_model_dir):
     # A failure is only counted for a worker that died with a batch in flight, so this proves mid-batch.
     assert pool.failures == 1 and pool.workers == [workers[0]]
     assert _view(out) == _view(expected)
-    pool.update_weights(load_model(tiny_model_dir).state_dict(), version=9)  # a dead worker is skipped
+    pool.update_weights(load_model(two_layer_model_dir).state_dict(), version=9)  # a dead worker is skipped
     assert {v for c in pool.generate(requests[:1]) for v in c.versions} == {9}
