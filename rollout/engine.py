@@ -355,9 +355,10 @@ def _store_experts_transposed(model) -> None:
 
     On the CPU, torch's grouped GEMM is slower over the non-contiguous transposed view of weights not in cache:
     this layout cut the experts of MiniMax `small` from 14.0 to 10.6 ms a step at 8 rows and a whole decode
-    step's CPU time by 13% at 1 and 8 rows, 4% at 64 (same tokens, logits within 1e-6: another GEMM order). `load_state_dict` copies into the parameters in place, so weight
-    updates keep the layout. Experts already stored [experts, in, out] (`is_transposed`) are left as they are,
-    and so are weights on other devices: only the CPU was measured.
+    step's CPU time by 13% at 1 and 8 rows, 4% at 64 (same tokens, logits within 1e-6: another GEMM order).
+    `load_state_dict` copies into the parameters in place, so weight updates keep the layout. Experts already
+    stored [experts, in, out] (`is_transposed`) are left as they are, and so are weights on other devices: only
+    the CPU was measured.
     """
     for module in model.modules():
         if getattr(module, "is_transposed", None) is False:  # set on every `use_experts_implementation` class
@@ -368,9 +369,10 @@ def _store_experts_transposed(model) -> None:
 
 class CispoEngine(Engine):
     """This module's `generate` as an engine. It switches the model to the decode attention kernel and
-    MoE experts to grouped GEMMs (on the CPU with their weights stored transposed in memory), and keeps the LM head in fp32 (M1 §3.2) whatever the body's dtype; on
-    CUDA a MiniMax model's lightning attention runs fla's kernels (rollout.kernels), and so do Gated
-    DeltaNet and KDA layers of a model from `build_model` or `load_model`.
+    MoE experts to grouped GEMMs (on the CPU with their weights stored transposed in memory), and keeps
+    the LM head in fp32 (M1 §3.2) whatever the body's dtype; on CUDA a MiniMax model's lightning attention
+    runs fla's kernels (rollout.kernels), and so do Gated DeltaNet and KDA layers of a model from
+    `build_model` or `load_model`.
     `head_dtype=torch.bfloat16` keeps the head in bf16 instead, as M1 had it before its fix; only
     experiments/fp32_head.py asks for it. `record_routing` records each token's experts in its trajectory
     (MoE routing replay, rollout.routing; a ValueError for a model it does not cover).
