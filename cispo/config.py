@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+import warnings
 from pathlib import Path
 
 import yaml
@@ -136,6 +137,13 @@ class Recipe(Section):
                 raise ValueError(f"rollout.max_staleness={r.max_staleness} admits no response: with overlap="
                                  f"{str(r.overlap).lower()} and partial_tokens={r.partial_tokens}, a response of "
                                  f"max_new_tokens={r.max_new_tokens} may train {chunks - 1 + r.overlap} versions old")
+            if chunks - 1 + r.overlap >= 2 and self.algorithm.name == "cispo":
+                # Measured, README "Asynchronous rollouts at staleness 2": the capped weight lets a negative
+                # advantage keep lowering a token (<eos>) the current policy already lowered; Eq. 7 masks it.
+                warnings.warn(f"rollout: tokens may train {chunks - 1 + r.overlap} versions old under M1's unmasked "
+                              "CISPO, which at staleness 2 fell behind synchronous training on tiny-countdown in 2 of 3 "
+                              "seeds (README, issue 19); M1's masked loss (algorithm.name=cispo_masked "
+                              "algorithm.eps_low=0.2) kept up", stacklevel=2)
         return self
 
 

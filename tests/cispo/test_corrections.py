@@ -1,5 +1,6 @@
 """Each mismatch correction against a hand-computed case (cispo.corrections)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,13 @@ def test_no_correction_is_one_and_a_recipe_is_checked(tmp_path):
         load_recipe("recipes/tiny-arith.yaml", ["algorithm.correction=tis"])
     with pytest.warns(UserWarning, match="plain REINFORCE"):
         load_recipe("recipes/tiny-arith.yaml", ["algorithm.updates_per_batch=1", "algorithm.old_logprobs=recompute"])
+    stale = ["rollout.overlap=true", "rollout.partial_tokens=4", "rollout.max_new_tokens=8", "rollout.max_staleness=2"]
+    with pytest.warns(UserWarning, match="algorithm.name=cispo_masked"):
+        load_recipe("recipes/tiny-arith.yaml", stale)
+    with warnings.catch_warnings():  # one version old, or the masked loss: no warning
+        warnings.simplefilter("error")
+        load_recipe("recipes/tiny-arith.yaml", ["rollout.overlap=true", "rollout.max_staleness=1"])
+        load_recipe("recipes/tiny-arith.yaml", [*stale, "algorithm.name=cispo_masked", "algorithm.eps_low=0.2"])
 
 
 def test_the_factor_carries_no_gradient():
