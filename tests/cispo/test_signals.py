@@ -28,12 +28,15 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+MAX_STEPS = 20
 # Each run starts from the session's shared warm start (tests/conftest.py), so no run spends time on SFT.
 ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
         "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled", "reward.num_workers=2",
-        # Six stops need six steps; a phase the poll misses (a loaded machine) moves its stop to a later step,
-        # so the chain has room to spare rather than run out of steps before its last stop (CI saw that at 8).
-        "run.max_steps=12",
+        # Six stops need six steps; a phase the poll misses (a loaded machine: reward phases last ~20 ms) moves
+        # its stop to a later step, so the chain has room to spare: CI ran out of steps at 8 (the run ended
+        # before its last stop) and, at 12, its last stop landed in the last step, whose final evaluation a stop
+        # skips, so the resumed rows lacked it.
+        f"run.max_steps={MAX_STEPS}",
         # Responses of up to 12 tokens in chunks of 6: most pause once; with overlap, trained up to 2 versions old.
         "rollout.partial_tokens=6", "rollout.overlap=true", "rollout.max_staleness=2",
         "algorithm.dynamic_sampling=false", "data.source=jsonl", "data.streaming=true"]
@@ -119,7 +122,7 @@ def uninterrupted(tmp_path_factory, warm_arith, arith_files):
 
 def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uninterrupted, warm_arith, arith_files,
                                                                              tmp_path):
-    run_dir, step, held = tmp_path / "run", 0, []
+    run_dir, step, held, landed = tmp_path / "run", 0, [], []
     for n, (sig, phase) in enumerate(STOPS):
         with Run(run_dir, warm_arith, arith_files, *(["run.resume=true"] if n else [])) as run:
             seen = run.wait_for_phase(phase, first_step=step + 1)
@@ -141,7 +144,9 @@ def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uni
         assert checkpoint.latest(run_dir)[1]["step"] == step
         assert not left, f"processes of the run left behind: {left}"  # the controller shut its children down
         held.append((checkpoint.latest(run_dir)[0] / ROLLOUTS).exists())
+        landed.append((sig.name, phase, seen, step))
     assert all(held)  # every stop held paused responses or the step collected ahead, and lost neither
+    assert step < MAX_STEPS, f"the last stop landed in the last step: the chain needs more room {landed}"
     with (run_dir / "metrics.jsonl").open("a") as f:  # and a crash had torn the last row as it was written
         f.write('{"step": %d, "reward_mean": 0.' % (step + 1))
     with Run(run_dir, warm_arith, arith_files, "run.resume=true") as final:
