@@ -1,6 +1,6 @@
 """A signal to the whole process group, as Ctrl-C in a terminal, `timeout` and SLURM's scancel or preemption
 send it, ends a run with a checkpoint in every phase of a step, and resuming gives the rows of a run that
-was never stopped. SIGTERM and SIGINT, each in each phase, stop one chain of runs (each resuming the last).
+was never stopped. A chain of runs (each resuming the last) is stopped in each phase, by SIGTERM and by SIGINT.
 The runs hold rollouts across steps when stopped (partial rollouts: responses paused mid-way; rollout.overlap:
 the next step collected ahead) and draw from a streamed file (a position beyond the step): none of it is lost,
 and no prompt is skipped or seen twice.
@@ -9,6 +9,11 @@ Each run is a real `cispo train` in its own session with its own local Ray (the 
 Ray head `ray.init` starts, and the scoring processes, are in the controller's process group). The phase
 a signal lands in is known from the console: every phase of an RL step announces itself as it starts
 ("step 3: reward"), and the signal goes to the group as soon as that line is the newest step line.
+
+The two signals take one path: the controller handles both with one handler (cispo.run.StopRequest), and every
+other process of the run blocks both (Ray's daemons and workers, the scorers: cispo.run.start_ray,
+rewards.pool.signals_left_to_parent). Each run checks the second half on every thread of its session once its
+roles are up, so the chain needs each phase once and each signal twice rather than every pair (which took 6 runs).
 """
 import json
 import os
@@ -28,21 +33,22 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 20
+MAX_STEPS = 14
 # Each run starts from the session's shared warm start (tests/conftest.py), so no run spends time on SFT.
 ARGS = ["data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
         "run.save_every=100", "run.threads=1", "optim.lr=1e-4", "wandb.mode=disabled", "reward.num_workers=2",
-        # Six stops need six steps; a phase the poll misses (a loaded machine: reward phases last ~20 ms) moves
-        # its stop to a later step, so the chain has room to spare: CI ran out of steps at 8 (the run ended
-        # before its last stop) and, at 12, its last stop landed in the last step, whose final evaluation a stop
-        # skips, so the resumed rows lacked it.
+        # Four stops need four steps; a phase the poll misses (a loaded machine: reward phases last ~20 ms)
+        # moves its stop to a later step, so the chain has room to spare: with six stops CI ran out of steps at 8
+        # (the run ended before its last stop) and, at 12, its last stop landed in the last step, whose final
+        # evaluation a stop skips, so the resumed rows lacked it.
         f"run.max_steps={MAX_STEPS}",
         # Responses of up to 12 tokens in chunks of 6: most pause once; with overlap, trained up to 2 versions old.
         "rollout.partial_tokens=6", "rollout.overlap=true", "rollout.max_staleness=2",
         "algorithm.dynamic_sampling=false", "data.source=jsonl", "data.streaming=true"]
-# Every signal in every phase, one after the other in one chain of runs: each run resumes the one before.
-STOPS = [(signal.SIGTERM, "rollout"), (signal.SIGINT, "reward"), (signal.SIGTERM, "train"),
-         (signal.SIGINT, "rollout"), (signal.SIGTERM, "reward"), (signal.SIGINT, "train")]
+# Every phase, each signal twice (the train phase, ranks and collectives, by both), one after the other in one
+# chain of runs: each run resumes the one before.
+STOPS = [(signal.SIGTERM, "rollout"), (signal.SIGINT, "reward"), (signal.SIGTERM, "train"), (signal.SIGINT, "train")]
+STOP_SIGNALS = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))  # their bits in /proc's SigBlk mask
 
 
 class Run:
@@ -86,6 +92,22 @@ class Run:
             self.proc.wait()
         self.log.close()
 
+    def signal_takers(self) -> list[str]:
+        """The processes of the run's session, the controller aside, with a thread that does not block SIGINT or
+        SIGTERM (a signal to a process goes to any thread that does not block it)."""
+        takers = []
+        for pid in self.session_processes():
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    status = open(f"/proc/{pid}/task/{tid}/status").read()
+                    blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
+                    if pid != self.proc.pid and blocked & STOP_SIGNALS != STOP_SIGNALS:
+                        takers.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120])
+                        break
+            except (FileNotFoundError, ProcessLookupError):  # it ended while we looked
+                pass
+        return takers
+
     def session_processes(self) -> list[int]:
         """Processes still in the run's session (the controller's children: Ray's, the scorers)."""
         left = []
@@ -125,6 +147,8 @@ def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uni
     run_dir, step, held, landed = tmp_path / "run", 0, [], []
     for n, (sig, phase) in enumerate(STOPS):
         with Run(run_dir, warm_arith, arith_files, *(["run.resume=true"] if n else [])) as run:
+            run.wait_for_phase("rollout", first_step=step + 1)  # every role of the run is up
+            takers = run.signal_takers()
             seen = run.wait_for_phase(phase, first_step=step + 1)
             os.killpg(run.proc.pid, sig)
             code, out = run.finish(), run.output()
@@ -132,6 +156,7 @@ def test_group_signal_in_each_phase_checkpoints_and_resumes_to_the_same_rows(uni
             while run.session_processes() and time.monotonic() < deadline:
                 time.sleep(0.2)
             left = run.session_processes()
+        assert not takers, f"processes of the run that a group {sig.name} reaches, beside the controller: {takers}"
         assert code == 128 + sig, out
         # Step t + 1 rolls out and is scored while step t trains (rollout.overlap), so a signal in those
         # phases of step t + 1 ends step t, unless it landed as step t + 1 began.
