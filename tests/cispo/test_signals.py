@@ -97,11 +97,13 @@ class Run:
         SIGTERM (a signal to a process goes to any thread that does not block it)."""
         takers = []
         for pid in self.session_processes():
+            if pid == self.proc.pid:
+                continue
             try:
                 for tid in os.listdir(f"/proc/{pid}/task"):
                     status = open(f"/proc/{pid}/task/{tid}/status").read()
                     blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
-                    if pid != self.proc.pid and blocked & STOP_SIGNALS != STOP_SIGNALS:
+                    if blocked & STOP_SIGNALS != STOP_SIGNALS:
                         takers.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120])
                         break
             except (FileNotFoundError, ProcessLookupError):  # it ended while we looked
