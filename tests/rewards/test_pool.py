@@ -1,4 +1,6 @@
+import os
 import time
+from pathlib import Path
 
 from rewards.math import score, verify_boxed
 from rewards.pool import RewardResult, ScoringPool
@@ -7,6 +9,15 @@ from rewards.types import RewardInput
 
 def _hang(response: str, answer: str) -> float:
     time.sleep(float(response))
+    return 1.0
+
+
+def _hang_first_time(response: str, answer: str) -> float:
+    """Writes `response` (a path) and hangs the first time, so a kill can land mid-sample; scores 1 once it exists."""
+    path = Path(response)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        time.sleep(600)
     return 1.0
 
 
@@ -69,7 +80,7 @@ def _scorers() -> list:
     return scorers
 
 
-def test_scorers_leave_group_signals_to_the_parent_and_dead_ones_are_replaced():
+def test_scorers_leave_group_signals_to_the_parent_and_dead_ones_are_replaced(tmp_path):
     import signal
     import threading
 
@@ -91,10 +102,17 @@ def test_scorers_leave_group_signals_to_the_parent_and_dead_ones_are_replaced():
         scorers[0].kill()
         scorers[0].wait()
         assert [(r.status, r.score) for r in pool.map(verify_boxed, items)] == [("ok", s) for s in right]
-        # Scorers killed in the middle of a sample: the sample is scored again on a fresh process.
-        busy = _scorers()
-        threading.Timer(0.5, lambda: [p.kill() for p in busy]).start()
-        slow = pool.map(_hang, [sample("1.5"), sample("1.5")])
+        # Scorers killed in the middle of a sample: the sample is scored again on a fresh process. Each is killed
+        # once it has written its marker (it is then inside the sample), not on a timer that a loaded machine delays.
+        busy, markers = _scorers(), [tmp_path / "a", tmp_path / "b"]
+
+        def kill_when_inside():
+            while not all(m.exists() and m.read_text() for m in markers):
+                time.sleep(0.01)
+            for p in busy:
+                p.kill()
+        threading.Thread(target=kill_when_inside, daemon=True).start()
+        slow = pool.map(_hang_first_time, [sample(str(m)) for m in markers])
         assert [(r.status, r.score) for r in slow] == [("ok", 1.0), ("ok", 1.0)]
         assert not set(_scorers()) & set(busy)
         assert not any(p.is_running() for p in busy)  # reaped by the pool, not left as zombies
