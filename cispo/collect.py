@@ -297,18 +297,21 @@ class Collector:
 
 
 @contextmanager
-def running_collector(recipe: Recipe, model_dir: str):
+def running_collector(recipe: Recipe, model_dir: str, hosts: list | None = None):
     """A Collector over `recipe.rollout.num_workers` rollout workers serving the HF model in `model_dir`
-    (with its tokenizer) and `reward.num_workers` scoring processes; both are shut down on exit."""
+    (with its tokenizer) and `reward.num_workers` scoring processes; both are shut down on exit. With
+    `hosts` (trainer ranks, resources.colocate) the replicas live in the first of them instead, left running."""
     from cispo.run import start_ray
 
     tok = load_tokenizer(model_dir)
     start_ray(recipe)
     r = recipe.rollout
-    rollout = RolloutPool.start(r.num_workers, str(model_dir), tok.pad_token_id,
-                                r.model_copy(update={"threads": r.threads or recipe.run.threads}),
-                                options=recipe.resources.rollout.ray_options(),
-                                record_routing=recipe.algorithm.routing_replay)
+    args = (str(model_dir), tok.pad_token_id, r.model_copy(update={"threads": r.threads or recipe.run.threads}))
+    if hosts:
+        rollout = RolloutPool.hosted(hosts[:r.num_workers], *args, record_routing=recipe.algorithm.routing_replay)
+    else:
+        rollout = RolloutPool.start(r.num_workers, *args, options=recipe.resources.rollout.ray_options(),
+                                    record_routing=recipe.algorithm.routing_replay)
     try:
         with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as scorer, \
                 closing(Collector(recipe, tok, rollout, scorer)) as collector:

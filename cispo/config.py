@@ -125,6 +125,20 @@ class Recipe(Section):
         if w and w[-1] != self.rollout.max_new_tokens:
             raise ValueError(f"stages.windows ends at {w[-1]} but rollout.max_new_tokens is "
                              f"{self.rollout.max_new_tokens}; the last window is the budget")
+        if self.resources.colocate:
+            clash = ("rollout.engine=vllm: vLLM initializes torch.distributed for itself, which DeepSpeed already "
+                     "holds in a trainer rank" if r.engine == "vllm" else
+                     f"rollout.num_workers={r.num_workers} replicas need as many trainer ranks, not "
+                     f"trainer.num_ranks={self.trainer.num_ranks}" if r.num_workers > self.trainer.num_ranks else
+                     "resources.rollout places rollout workers of their own, and a replica takes its rank's place"
+                     if self.resources.rollout != type(self.resources.rollout)() else None)
+            if clash:
+                raise ValueError(f"resources.colocate=true puts the rollout replicas in trainer ranks; {clash}; "
+                                 f"set resources.colocate=false")
+            if r.overlap:  # the same rows either way (versions, not timing, decide them), but no time saved
+                warnings.warn("rollout.overlap with resources.colocate: the next step's rollout runs in the trainer "
+                              "rank after this step's training, one call at a time, so nothing overlaps; set "
+                              "resources.colocate=false for rollout workers of their own", stacklevel=2)
         if r.partial_tokens and r.function != type(r).model_fields["function"].default:
             raise ValueError(f"rollout.partial_tokens needs the default rollout.function (one engine call per "
                              f"sample, to pause and continue), not {r.function!r}")

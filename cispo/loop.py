@@ -16,7 +16,7 @@ from cispo.collect import rollout_metrics, running_collector
 from cispo.config import Recipe
 from cispo.data import PromptSource
 from cispo.metrics import MetricsLog, Timer, read_metrics, time_medians, top_tokens
-from cispo.run import RunDir, StopRequest
+from cispo.run import RunDir, StopRequest, start_ray
 from cispo.stages import advance
 from cispo.trainer import TrainerGroup
 from cispo.warm_start import warm_start
@@ -28,10 +28,12 @@ def train(recipe: Recipe) -> dict:
         t0, run = time.perf_counter(), RunDir(recipe)
         source = PromptSource(recipe.data, recipe.run.seed)
         model_dir = run.starting_model()
-        collector = cleanup.enter_context(running_collector(recipe, model_dir))   # rollout workers, scorers
+        start_ray(recipe)
+        # resources.colocate: the trainer ranks host the rollout replicas, so they start first
+        hosts = cleanup.enter_context(TrainerGroup.running(recipe, model_dir)) if recipe.resources.colocate else None
+        collector = cleanup.enter_context(running_collector(recipe, model_dir, hosts and hosts.ranks))  # rollout, scorers
         rollout, tok = collector.rollout, collector.tok
-        trainers = TrainerGroup.start(recipe, model_dir)
-        cleanup.callback(trainers.shutdown)
+        trainers = hosts or cleanup.enter_context(TrainerGroup.running(recipe, model_dir))
         print(f"placement: rollout workers on nodes {sorted(set(rollout.nodes()))}, "
               f"trainer ranks on nodes {sorted(set(trainers.nodes()))}", flush=True)
         log = MetricsLog(run.path, recipe, {"data_rows_skipped": sum(source.skipped.values()),

@@ -116,14 +116,17 @@ def build(recipe: Recipe) -> Plan:
         where_ = f" on nodes with resource '{role.node_resource}'" if role.node_resource else ""
         return f"{role.gpus:g} GPU, {role.cpus:g} CPU{where_}"
 
-    roles = [("rollout", r.num_workers, takes(res.rollout)), ("trainer", t.num_ranks, takes(res.trainer)),
+    # resources.colocate: each replica lives in a trainer rank, on its GPU and in its memory
+    hosted = "inside a trainer rank (resources.colocate)"
+    roles = [("rollout", r.num_workers, hosted if res.colocate else takes(res.rollout)),
+             ("trainer", t.num_ranks, takes(res.trainer)),
              ("reward", recipe.reward.num_workers, "1 CPU, a process on the controller's node")]
 
     budget = r.max_new_tokens  # the last stage window, when there are stages
     sequences = math.ceil(recipe.data.prompts_per_step * r.n_samples / r.num_workers)  # decoded at once per worker
     kv = shape.full_layers * 2 * shape.kv_heads * shape.head_dim * 2 * budget
     state = shape.linear_layers * shape.heads * shape.head_dim**2 * 4
-    g = max(1.0, res.rollout.gpus)
+    g = max(1.0, (res.trainer if res.colocate else res.rollout).gpus)
     rollout = {"weights (bf16)": 2 * total / g, f"KV cache ({sequences} seq x {budget:,} tok)": sequences * kv / g,
                f"linear-attention state ({sequences} seq)": sequences * state / g}
     # ZeRO-1 shards the optimizer over the ranks, ZeRO-2 the gradients too, ZeRO-3 the weights too.
@@ -131,9 +134,10 @@ def build(recipe: Recipe) -> Plan:
     trainer = {"weights (bf16)": 2 * total / (n if t.zero_stage >= 3 else 1),
                "gradients (bf16)": 2 * total / (n if t.zero_stage >= 2 else 1),
                "optimizer (fp32 master, m, v)": 12 * total / (n if t.zero_stage >= 1 else 1)}
-    memory = {"rollout": rollout, "trainer": trainer}
+    memory = {"rollout": rollout, "trainer": {**trainer, **{f"rollout {k}": v for k, v in rollout.items()}}
+              if res.colocate else trainer}
 
-    for name, role, per in (("rollout", res.rollout, rollout), ("trainer", res.trainer, trainer)):
+    for name, role, per in (("rollout", res.rollout, {} if res.colocate else rollout), ("trainer", res.trainer, memory["trainer"])):
         need = sum(per.values()) / GiB
         if role.gpus and need > res.gpu_memory_gb:
             warnings.append(f"{name}: needs {need:.1f} GiB per GPU, more than resources.gpu_memory_gb="
@@ -142,7 +146,7 @@ def build(recipe: Recipe) -> Plan:
         if role.gpus > res.gpus_per_node:
             warnings.append(f"{name}: an actor takes {role.gpus:g} GPUs but a node has resources.gpus_per_node="
                             f"{res.gpus_per_node}; a Ray actor cannot span nodes")
-    gpus = r.num_workers * res.rollout.gpus + t.num_ranks * res.trainer.gpus
+    gpus = (0 if res.colocate else r.num_workers * res.rollout.gpus) + t.num_ranks * res.trainer.gpus
     if gpus > res.nodes * res.gpus_per_node:
         warnings.append(f"the roles need {gpus:g} GPUs; the cluster has {res.nodes} x {res.gpus_per_node}")
     if shape.max_positions and budget > shape.max_positions:
@@ -175,7 +179,7 @@ def render(plan: Plan, recipe: Recipe) -> str:
              "", f"resources (cluster: {res.nodes} node(s) x {res.gpus_per_node} GPUs, {res.gpu_memory_gb:g} GiB each)"]
     lines += [f"  {role:<8} {n:>4} x {what}" for role, n, what in plan.roles]
     for role, parts in plan.memory.items():
-        gpus = getattr(res, role).gpus
+        gpus = (res.trainer if res.colocate else getattr(res, role)).gpus
         lines += ["", f"{role} memory per {'GPU' if gpus else 'actor (CPU; no GPU in the recipe)'}"]
         lines += [f"  {part:<44} {b / GiB:>10.2f} GiB" for part, b in parts.items()]
         lines.append(f"  {'total' + (f' (of {res.gpu_memory_gb:g})' if gpus else ''):<44} "

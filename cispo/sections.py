@@ -287,5 +287,9 @@ class ResourcesConfig(Section):
     nodes: int = Field(1, ge=1, description="machines in the cluster (what `cispo plan` checks the roles against)")
     gpus_per_node: int = Field(0, ge=0, description="GPUs on each machine (what `cispo plan` checks against)")
     gpu_memory_gb: float = Field(80.0, gt=0, description="memory per GPU; M1 trained on H800s (80 GB)")
-    rollout: RoleResources = Field(default_factory=RoleResources, description="per RolloutWorker actor")
+    rollout: RoleResources = Field(default_factory=RoleResources, description="per RolloutWorker actor (unused "
+                                   "when colocated)")
     trainer: RoleResources = Field(default_factory=RoleResources, description="per DeepSpeed rank actor")
+    colocate: bool = Field(False, description="the rollout.num_workers replicas live in the first trainer ranks, one "
+                           "each, instead of actors of their own (verl's hybrid engine): one process start-up less "
+                           "per replica and no weight transfer between machines; rollout and training take turns")

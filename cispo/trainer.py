@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -20,6 +21,7 @@ from cispo.sections import OptimConfig, TrainerConfig
 from rollout.families import family_of
 from rollout.model import load_model, token_logprobs
 from rollout.routing import RoutingReplay
+from rollout.worker import Replica
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -241,6 +243,21 @@ class Trainer:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    # resources.colocate: this rank also hosts a rollout replica (rollout.worker.RolloutPool.hosted), as verl's
+    # hybrid engine does. Its weights are a copy of its own, updated only by `update_weights`, so a rollout
+    # sees the published version whatever this rank has trained since; the two take turns in this process.
+    def host_rollout(self, model_dir: str, pad_id: int, config, record_routing: bool) -> None:
+        self.replica = Replica(model_dir, pad_id, config, record_routing)
+
+    def generate(self, requests: list) -> list:
+        return self.replica.generate(requests)
+
+    def update_weights(self, state_dict: dict, version: int) -> int:
+        return self.replica.update_weights(state_dict, version)
+
+    def start_seconds(self) -> float:
+        return self.replica.start_seconds()
+
     def _full_weights(self):
         """Whole parameters on every rank; ZeRO-3 partitions them, so gather first (a collective:
         every rank must call the method that uses this)."""
@@ -360,6 +377,16 @@ class TrainerGroup:
 
     def nodes(self) -> list[str]:
         return self._all("node")
+
+    @classmethod
+    @contextmanager
+    def running(cls, recipe: Recipe, model_dir: str):
+        """`start`, then `shutdown` however the block ends."""
+        trainers = cls.start(recipe, model_dir)
+        try:
+            yield trainers
+        finally:
+            trainers.shutdown()
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

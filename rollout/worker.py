@@ -1,5 +1,6 @@
-"""Rollout on Ray: `RolloutWorker` actors each hold one model replica; `RolloutPool` spreads requests
-over them, brings every one to a new weight version, and re-runs a dead worker's requests elsewhere."""
+"""Rollout on Ray: `RolloutWorker` actors each hold one model replica (or trainer ranks host one each,
+`RolloutPool.hosted`); `RolloutPool` spreads requests over them, brings every one to a new weight version,
+and re-runs a dead worker's requests elsewhere."""
 from __future__ import annotations
 
 import os
@@ -20,9 +21,9 @@ from rollout.vllm_engine import VLLMEngine
 ENGINES = {"cispo": CispoEngine, "hf": HFGenerateEngine, "vllm": VLLMEngine}
 
 
-@ray.remote
-class RolloutWorker:
-    """One model replica behind the engine that `config.engine` names.
+class Replica:
+    """One model replica behind the engine that `config.engine` names, in whichever process holds it: a
+    `RolloutWorker` actor of its own, or a trainer rank that hosts it (`resources.colocate`).
 
     It runs on the first GPU Ray gives it (`resources.rollout.gpus`, fractions included) and on the CPU
     otherwise, with weights in `config.dtype` (auto: bf16 on a GPU, fp32 on CPU). To add an engine,
@@ -55,15 +56,20 @@ class RolloutWorker:
         self.engine.load_weights(state_dict, version)
         return version
 
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
     def start_seconds(self) -> float:
         return self.start_s
 
     def placement(self) -> str:
         """The device this worker's model sits on, e.g. "cuda:0" or "cpu"."""
         return str(self.device)
+
+
+@ray.remote
+class RolloutWorker(Replica):
+    """A replica in a Ray actor of its own."""
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
 def balance(requests: list[Request], workers: int) -> list[list[int]]:
@@ -90,8 +96,9 @@ class RolloutPool:
     survivors, so a step finishes as long as one worker lives; `failures` counts the workers lost.
     """
 
-    def __init__(self, workers: list):
+    def __init__(self, workers: list, owned: bool = True):
         self.workers = list(workers)
+        self.owned = owned  # False: the workers are hosts of replicas (`hosted`), ended by whoever started them
         self.version = 0
         self.failures = 0
 
@@ -104,6 +111,16 @@ class RolloutPool:
         # Not waited on here, so that the caller's other actors start alongside (3-6 s each).
         actor = RolloutWorker.options(**(options or {}))
         return cls([actor.remote(model_dir, pad_id, config, record_routing) for _ in range(num_workers)])
+
+    @classmethod
+    def hosted(cls, hosts: list, model_dir: str, pad_id: int, config: RolloutConfig,
+               record_routing: bool = False) -> RolloutPool:
+        """A pool over actors that each build a `Replica` inside themselves (`host_rollout`, the same
+        arguments as `start`) and serve its `generate`, `update_weights` and `start_seconds`, plus `node`:
+        the trainer ranks under `resources.colocate` (cispo.trainer.Trainer). Shutting the pool down leaves
+        the hosts running."""
+        ray.get([host.host_rollout.remote(model_dir, pad_id, config, record_routing) for host in hosts])
+        return cls(hosts, owned=False)
 
     def submit(self, requests: list[Request]) -> Rollout:
         """Start generating `requests` on the workers and return at once; `.result()` waits."""
@@ -123,7 +140,7 @@ class RolloutPool:
         return ray.get([w.node.remote() for w in self.workers])
 
     def shutdown(self) -> None:
-        for worker in self.workers:
+        for worker in self.workers if self.owned else ():
             ray.kill(worker)
 
     def update_weights(self, state_dict, version: int) -> None:

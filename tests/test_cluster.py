@@ -52,7 +52,8 @@ def test_tiny_recipe_on_two_nodes(warm_arith, tmp_path):
             [sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", f"run.dir={tmp_path / 'run'}",
              "data.digits=1", "data.eval_size=10", "data.prompts_per_step=4", "rollout.n_samples=4", "sft.steps=0",
              f"model.path={warm_arith}", "run.max_steps=2", "run.threads=1", "wandb.mode=disabled",
-             "resources.rollout.node_resource=rollout", "resources.trainer.node_resource=trainer"],
+             "resources.colocate=false", "resources.rollout.node_resource=rollout",
+             "resources.trainer.node_resource=trainer"],
             cwd=REPO, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         placed = re.search(r"rollout workers on nodes \['(\w+)'\], trainer ranks on nodes \['(\w+)'\]", out.stdout)

@@ -53,6 +53,17 @@ def test_bf16_on_zero_stage_0_is_refused_with_the_reason():
     assert load_recipe(REPO / "recipes/tiny-arith.yaml", ["trainer.deepspeed={bf16: {enabled: true}}"]).trainer.zero_stage == 2
 
 
+def test_colocated_replicas_are_refused_where_they_cannot_live_and_warned_where_they_save_nothing():
+    recipe = REPO / "recipes/tiny-arith.yaml"  # colocated: its one replica in its one trainer rank
+    for overrides, why in ((["rollout.num_workers=2"], "rollout.num_workers=2 replicas need as many trainer ranks"),
+                           (["resources.rollout.node_resource=rollout"], "resources.rollout places rollout workers")):
+        with pytest.raises(RecipeError, match=f"resources.colocate=true puts the rollout replicas in trainer ranks; {why}"):
+            load_recipe(recipe, overrides)
+    assert load_recipe(recipe, ["rollout.num_workers=2", "trainer.num_ranks=2"]).resources.colocate
+    with pytest.warns(UserWarning, match="nothing overlaps"):
+        load_recipe(recipe, ["rollout.overlap=true", "rollout.max_staleness=1"])
+
+
 def test_recipe_key_reference_is_generated_from_the_config():
     from cispo.config import recipe_keys
 

@@ -51,6 +51,19 @@ def test_m1_40k_memory_fits_and_smaller_cards_or_fewer_ranks_warn():
     assert any("the roles need 768 GPUs; the cluster has 8 x 8" in w for w in crowded.warnings)
 
 
+def test_a_colocated_plan_puts_each_replica_on_its_trainer_ranks_gpu():
+    # Half of m1-40k's 64 nodes: enough for its 256 ranks, not for 32 rollout workers of 8 GPUs beside them.
+    apart = plan.build(load_recipe(M1_40K, ["resources.nodes=32"]))
+    together = plan.build(load_recipe(M1_40K, ["resources.nodes=32", "resources.colocate=true", "resources.rollout={}"]))
+    assert together.roles[0] == ("rollout", 32, "inside a trainer rank (resources.colocate)")
+    # A replica's whole model on its rank's one GPU, not split over 8, beside the rank's own share.
+    rollout_on_one_gpu = {f"rollout {k}": v * 8 for k, v in apart.memory["rollout"].items()}
+    assert together.memory["trainer"] == {**apart.memory["trainer"], **rollout_on_one_gpu}
+    assert any(w.startswith("trainer: needs") for w in together.warnings)
+    assert any("the roles need 512 GPUs; the cluster has 32 x 8" in w for w in apart.warnings)
+    assert not any("the roles need" in w for w in together.warnings)
+
+
 def test_cli_plan_prints_every_section(capsys):
     assert main(["plan", str(M1_40K), "rollout.num_workers=8"]) == 0
     out = capsys.readouterr().out

@@ -111,7 +111,10 @@ def test_a_model_vllm_refuses_is_refused_at_recipe_load(tmp_path, tiny_tokenizer
     with pytest.raises(RecipeError, match=r"MiniMaxForCausalLM.*rollout.engine: cispo"):
         load_recipe(REPO / "recipes/tiny-arith.yaml", ["rollout.engine=vllm"])  # preset tiny: M1's hybrid
     save_model(tiny("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "llama")
-    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["rollout.engine=vllm", f"model.path={tmp_path / 'llama'}"])
+    with pytest.raises(RecipeError, match="resources.colocate=true.*vLLM initializes torch.distributed"):
+        load_recipe(REPO / "recipes/tiny-arith.yaml", ["rollout.engine=vllm", f"model.path={tmp_path / 'llama'}"])
+    recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["rollout.engine=vllm", f"model.path={tmp_path / 'llama'}",
+                                                             "resources.colocate=false"])
     assert recipe.rollout.engine == "vllm"
     with pytest.raises(RecipeError, match="top_k/top_p"):
         load_recipe(REPO / "recipes/tiny-arith.yaml", ["rollout.engine=vllm", f"model.path={tmp_path / 'llama'}",
@@ -126,7 +129,7 @@ def test_three_rl_steps_through_vllm(ray_session, tiny_tokenizer, tmp_path):
     model = tiny("qwen3_moe", vocab=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id)
     save_model(model, tok, tmp_path / "model")
-    rows = three_rl_steps(tmp_path, "rollout.engine=vllm")
+    rows = three_rl_steps(tmp_path, "rollout.engine=vllm", "resources.colocate=false")
     # Each step's weights reached vLLM (reloaded in place; a MoE's experts re-packed) before the next rollout.
     assert max(r["old_logprob_gap"] for r in rows) <= 1e-4, [r["old_logprob_gap"] for r in rows]
     assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
