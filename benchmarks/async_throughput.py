@@ -50,7 +50,8 @@ def measure(mode: list[str], args, run_dir: str) -> dict:
         f"run.dir={run_dir}", f"run.max_steps={args.steps}", f"run.save_every={args.steps}", "run.eval_every=0",
         f"run.threads={args.threads}", "sft.steps=0", "data.eval_size=4", "data.prompts_per_step=16",
         "rollout.n_samples=8", f"rollout.max_new_tokens={args.budget}", "rollout.repetition_tokens=1",
-        f"rollout.repetition_prob={args.stop_prob}", "algorithm.dynamic_sampling=false", "wandb.mode=disabled", *mode])
+        f"rollout.repetition_prob={args.stop_prob}", "algorithm.dynamic_sampling=false", "wandb.mode=disabled",
+        "resources.colocate=false", *mode])  # a worker of its own, so that rollout can overlap training
     load = os.getloadavg()[0]
     train(recipe)
     load = (load + os.getloadavg()[0]) / 2

@@ -268,7 +268,7 @@ def check_trainer(args) -> None:
 
 def check_recipe(args) -> None:
     run_dir = tempfile.mkdtemp(prefix="gpu-check-recipe-")
-    gpus = ["resources.rollout.gpus=0.5", "resources.trainer.gpus=0.5"] if args.device.type == "cuda" else []
+    gpus = ["resources.trainer.gpus=1"] if args.device.type == "cuda" else []  # the replica lives in rank 0 (colocate)
     cmd = [sys.executable, "-m", "cispo.cli", "train", "recipes/tiny-arith.yaml", f"run.dir={run_dir}",
            "run.max_steps=3", *gpus]
     t0 = time.perf_counter()
