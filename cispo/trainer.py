@@ -104,6 +104,14 @@ class Trainer:
         torch.manual_seed(self.seed + self.rank)
         import deepspeed
 
+        if not gpu:
+            # DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce at init (g++, ~44 CPU-s on a
+            # new machine or venv, behind a file lock every other rank waits on) that only its inference
+            # tensor-parallel layers call; ZeRO's collectives go through gloo, so it is marked unbuildable in
+            # the probe results DeepSpeed keeps (one dict per process, read when the backend starts).
+            from deepspeed.ops import __compatible_ops__ as buildable
+
+            buildable["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
         t, o = self.trainer, self.optim
         causal_lm = load_model(self.model_dir)
