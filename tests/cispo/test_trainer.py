@@ -19,10 +19,12 @@ from tests.conftest import REPO
 
 
 def test_trainer_learns_and_publishes_versioned_weights(ray_session, two_layer_model_dir, tiny_tokenizer):
+    """To the replica its rank hosts (resources.colocate; publishing to RolloutWorker actors is the same
+    object-store hand-off, and tests/rollout/test_worker.py checks their versioned loads)."""
     tok = tiny_tokenizer
     recipe = load_recipe(REPO / "recipes/tiny-arith.yaml", ["sft.lr=0.003", "run.threads=2"])
     trainers = TrainerGroup.start(recipe, str(two_layer_model_dir))
-    pool = RolloutPool.start(1, str(two_layer_model_dir), tok.pad_token_id, RolloutConfig(threads=2))
+    pool = RolloutPool.hosted(trainers.ranks, str(two_layer_model_dir), tok.pad_token_id, RolloutConfig(threads=2))
     try:
         enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
         rows = [(tok(f"{a}+{b}=")["input_ids"], enc(f"\\boxed{{{a + b}}}") + [tok.eos_token_id])
@@ -42,9 +44,15 @@ def test_trainer_learns_and_publishes_versioned_weights(ray_session, two_layer_m
         # The published weights are the trained ones, not the initial ones.
         initial = load_model(two_layer_model_dir).state_dict()
         assert any(not torch.equal(initial[k], v) for k, v in state.items())
+        # The replica's weights are its own copy: training on after a publish leaves them at that version.
+        trainers.sft(pad_rows(rows, tok.eos_token_id))
+        assert [(c.response_ids, c.logprobs) for c in pool.generate([request])] == \
+            [(c.response_ids, c.logprobs) for c in remote]
+        assert any(not torch.equal(state[k], v) for k, v in trainers.state_dict().items())  # the rank moved on
     finally:
+        pool.shutdown()  # leaves the hosts running: the ranks still answer
+        assert trainers.nodes()
         trainers.shutdown()
-        pool.shutdown()
 
 
 # Slow: a bf16 rollout worker and two trainer starts on the 8-layer model (24-39 s). The quick loop keeps the same
