@@ -310,7 +310,9 @@ def running_collector(recipe: Recipe, model_dir: str, hosts: list | None = None)
     if hosts:
         rollout = RolloutPool.hosted(hosts[:r.num_workers], *args, record_routing=recipe.algorithm.routing_replay)
     else:
-        rollout = RolloutPool.start(r.num_workers, *args, options=recipe.resources.rollout.ray_options(),
+        # Without trainers (cispo eval, filter), a colocated recipe's replica runs where a rank would.
+        res = recipe.resources.trainer if recipe.resources.colocate else recipe.resources.rollout
+        rollout = RolloutPool.start(r.num_workers, *args, options=res.ray_options(),
                                     record_routing=recipe.algorithm.routing_replay)
     try:
         with ScoringPool(recipe.reward.num_workers, recipe.reward.timeout_s) as scorer, \

@@ -131,14 +131,19 @@ class Recipe(Section):
                      f"rollout.num_workers={r.num_workers} replicas need as many trainer ranks, not "
                      f"trainer.num_ranks={self.trainer.num_ranks}" if r.num_workers > self.trainer.num_ranks else
                      "resources.rollout places rollout workers of their own, and a replica takes its rank's place"
-                     if self.resources.rollout != type(self.resources.rollout)() else None)
+                     if self.resources.rollout != type(self.resources.rollout)() else
+                     # The collector's thread and the controller's call the same ranks, in no fixed order: a rank
+                     # generating the next step would hold the others in a ZeRO collective (10 minutes' timeout).
+                     f"rollout.overlap=true on trainer.num_ranks={self.trainer.num_ranks}: ranks would wait in "
+                     f"training's collectives while another rank generates" if r.overlap and self.trainer.num_ranks > 1
+                     else None)
             if clash:
                 raise ValueError(f"resources.colocate=true puts the rollout replicas in trainer ranks; {clash}; "
                                  f"set resources.colocate=false")
             if r.overlap:  # the same rows either way (versions, not timing, decide them), but no time saved
-                warnings.warn("rollout.overlap with resources.colocate: the next step's rollout runs in the trainer "
-                              "rank after this step's training, one call at a time, so nothing overlaps; set "
-                              "resources.colocate=false for rollout workers of their own", stacklevel=2)
+                warnings.warn("rollout.overlap with resources.colocate: the next step's rollout and this step's "
+                              "training take turns in the one trainer rank, so nothing overlaps; set "
+                              "resources.colocate=false for a rollout worker of its own", stacklevel=2)
         if r.partial_tokens and r.function != type(r).model_fields["function"].default:
             raise ValueError(f"rollout.partial_tokens needs the default rollout.function (one engine call per "
                              f"sample, to pause and continue), not {r.function!r}")

@@ -111,7 +111,7 @@ def start_ray(recipe: Recipe) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        actors = recipe.rollout.num_workers + recipe.trainer.num_ranks
+        actors = (0 if recipe.resources.colocate else recipe.rollout.num_workers) + recipe.trainer.num_ranks
         with signals_left_to_parent():
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
 

@@ -292,4 +292,5 @@ class ResourcesConfig(Section):
     trainer: RoleResources = Field(default_factory=RoleResources, description="per DeepSpeed rank actor")
     colocate: bool = Field(False, description="the rollout.num_workers replicas live in the first trainer ranks, one "
                            "each, instead of actors of their own (verl's hybrid engine): one process start-up less "
-                           "per replica and no weight transfer between machines; rollout and training take turns")
+                           "per replica, on its rank's GPU; rollout and training take turns, so rollout.overlap is "
+                           "refused on several ranks; `cispo eval` and `filter` give a replica a rank's resources")

@@ -256,6 +256,7 @@ class Trainer:
     # sees the published version whatever this rank has trained since; the two take turns in this process.
     def host_rollout(self, model_dir: str, pad_id: int, config, record_routing: bool) -> None:
         self.replica = Replica(model_dir, pad_id, config, record_routing)
+        torch.set_num_threads(self.threads or os.cpu_count())  # one setting per process: the rank's (run.threads)
 
     def generate(self, requests: list) -> list:
         return self.replica.generate(requests)

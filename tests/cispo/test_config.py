@@ -56,11 +56,13 @@ def test_bf16_on_zero_stage_0_is_refused_with_the_reason():
 def test_colocated_replicas_are_refused_where_they_cannot_live_and_warned_where_they_save_nothing():
     recipe = REPO / "recipes/tiny-arith.yaml"  # colocated: its one replica in its one trainer rank
     for overrides, why in ((["rollout.num_workers=2"], "rollout.num_workers=2 replicas need as many trainer ranks"),
-                           (["resources.rollout.node_resource=rollout"], "resources.rollout places rollout workers")):
+                           (["resources.rollout.node_resource=rollout"], "resources.rollout places rollout workers"),
+                           (["rollout.overlap=true", "rollout.max_staleness=1", "trainer.num_ranks=2"],
+                            "rollout.overlap=true on trainer.num_ranks=2: ranks would wait")):
         with pytest.raises(RecipeError, match=f"resources.colocate=true puts the rollout replicas in trainer ranks; {why}"):
             load_recipe(recipe, overrides)
     assert load_recipe(recipe, ["rollout.num_workers=2", "trainer.num_ranks=2"]).resources.colocate
-    with pytest.warns(UserWarning, match="nothing overlaps"):
+    with pytest.warns(UserWarning, match="take turns in the one trainer rank, so nothing overlaps"):
         load_recipe(recipe, ["rollout.overlap=true", "rollout.max_staleness=1"])
 
 

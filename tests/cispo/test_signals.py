@@ -3,7 +3,9 @@ send it, ends a run with a checkpoint in every phase of a step, and resuming giv
 was never stopped. A chain of runs (each resuming the last) is stopped in each phase, by SIGTERM and by SIGINT.
 The runs hold rollouts across steps when stopped (partial rollouts: responses paused mid-way; rollout.overlap:
 the next step collected ahead) and draw from a streamed file (a position beyond the step): none of it is lost,
-and no prompt is skipped or seen twice.
+and no prompt is skipped or seen twice. (tiny-arith colocates its replica in its one trainer rank, so the step
+collected ahead and the step training take turns in that rank instead of running at once; the loop holds,
+checkpoints and restores the step collected ahead the same way either way.)
 
 Each run is a real `cispo train` in its own session with its own local Ray (the case that lost runs: the
 Ray head `ray.init` starts, and the scoring processes, are in the controller's process group). The phase
