@@ -28,8 +28,9 @@ def _spec(tmp_path, **changes) -> str:
         "base": str(REPO / "recipes/tiny-countdown.yaml"),
         # The recipe's warm start learns the answer format, so accuracies are above zero (M1's two layer kinds,
         # tests/conftest.py, do not: loss 1.16 against 0.24 after 100 steps, and RL's rewards stayed 0).
-        "overrides": ["wandb.mode=disabled", "run.threads=1", "sft.steps=60", "sft.batch_size=32",
-                      "run.max_steps=4", "run.eval_every=2",
+        # Colocated (resources.colocate): each of the three runs starts one actor, not two.
+        "overrides": ["wandb.mode=disabled", "run.threads=1", "resources.colocate=true", "sft.steps=60",
+                      "sft.batch_size=32", "run.max_steps=4", "run.eval_every=2",
                       "data.eval_size=20", "data.prompts_per_step=8", "rollout.n_samples=4",
                       f"data.path={REPO}/data/countdown/train.jsonl", f"data.eval_path={REPO}/data/countdown/eval.jsonl"],
         "seeds": [3],
