@@ -20,9 +20,10 @@ def _recipe_args(p: argparse.ArgumentParser, hint: str = "dotted key=value, e.g.
 
 
 def _train(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # before the ~4 s of imports: a bad recipe fails at once
     from cispo.loop import train
 
-    result = train(load_recipe(args.recipe, args.overrides))
+    result = train(recipe)
     # 128 + signal number, as a shell reports a signal
     return 128 + signal.Signals[result["interrupted"]].value if result.get("interrupted") else 0
 
@@ -34,11 +35,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args) -> int:
+    model = [o.partition("=")[2] for o in args.overrides if o.startswith("model=")]
+    recipe = load_recipe(args.recipe, [o for o in args.overrides if not o.startswith("model=")])
     from cispo.evaluate import evaluate
 
-    model = [o.partition("=")[2] for o in args.overrides if o.startswith("model=")]
-    overrides = [o for o in args.overrides if not o.startswith("model=")]
-    result = evaluate(load_recipe(args.recipe, overrides), model[-1] if model else None, args.out)
+    result = evaluate(recipe, model[-1] if model else None, args.out)
     print(f"{result['metric']} {result['value']:.4f} on {result['prompts']} held-out prompts of "
           f"{args.recipe} ({', '.join(f'{k} {v:.4f}' for k, v in result['per_source'].items())}); "
           f"model {result['model']}; wrote {result['out']}")
@@ -90,10 +91,10 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
 
 
 def _filter(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
     from cispo.filter import filter_by_pass_rate
 
-    print(json.dumps(filter_by_pass_rate(load_recipe(args.recipe, args.overrides), args.out, args.n, args.low,
-                                         args.high)))
+    print(json.dumps(filter_by_pass_rate(recipe, args.out, args.n, args.low, args.high)))
     return 0
 
 

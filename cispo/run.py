@@ -2,6 +2,7 @@
 Ray start-up, and the stop request that turns SIGTERM/SIGINT into "finish the step, save, exit"."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -102,7 +103,7 @@ def start_ray(recipe: Recipe) -> None:
     """Join the cluster at RAY_ADDRESS (launch/ray-cluster.sh, tests), or start a local Ray sized for the
     recipe's actors. A local Ray's processes (GCS, raylet, agents, the actors' workers) block SIGINT and
     SIGTERM sent to the whole process group, so that a Ctrl-C or a preemption ends the run with a
-    checkpoint rather than with a dead GCS; the controller shuts them down (Ray: SIGKILL after 1 s each)."""
+    checkpoint rather than with a dead GCS; the controller shuts them down at exit (ray.shutdown, SIGKILL)."""
     import ray
 
     if ray.is_initialized():
@@ -114,6 +115,28 @@ def start_ray(recipe: Recipe) -> None:
         actors = (0 if recipe.resources.colocate else recipe.rollout.num_workers) + recipe.trainer.num_ranks
         with signals_left_to_parent():
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count(), actors), log_to_driver=True)
+        _shutdown_without_sigterm(ray._private.worker._global_node)
+
+
+def _shutdown_without_sigterm(node) -> None:
+    """Make ray.shutdown SIGKILL the local Ray's daemons at once. It sends each of them SIGTERM and waits 1 s
+    before its SIGKILL, but start_ray blocks their SIGTERM, so the waits only add 5 s to every run's exit
+    (5.3 s against 0.3 s, measured here). The raylet's own children (the dashboard agent, the actors'
+    workers) are killed with it: without the raylet's graceful exit the agent would wait for a dead GCS."""
+    import psutil
+
+    kill_all = node.kill_all_processes
+
+    def at_once(**how):
+        children = []
+        for info in node.all_processes.get("raylet", []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children += psutil.Process(info.process.pid).children(recursive=True)
+        kill_all(**{**how, "allow_graceful": False})
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    node.kill_all_processes = at_once
 
 
 class StopRequest:
