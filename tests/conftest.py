@@ -42,10 +42,12 @@ def pytest_runtest_makereport(item, call):
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (make test: --dist loadfile --no-loadscope-reorder) files go to the workers in collection
     order, and the slow tests are collected first, so the files that hold them start first: a worker that drew a
-    ten-minute test last would run it alone after the other had finished. The sort is stable, so every worker
-    collects the same order, as xdist requires."""
+    ten-minute test last would run it alone after the other had finished. Then the tests that start Ray actors
+    (ray_session: runs, trainers, rollout workers; seconds each), then the rest, whose many short tests even out
+    the workers' ends (test_end_to_end's last in file order had one worker run 24 s alone). The sort is stable, so
+    every worker collects the same order, as xdist requires."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "ray_session" not in item.fixturenames))
 
 
 @pytest.fixture(scope="session")

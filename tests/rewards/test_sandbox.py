@@ -236,21 +236,25 @@ def level(request, outer_cap):
 
 @pytest.fixture
 def attack(level):
-    """Runs an attack program under the outer cap at `level`; checks the run stayed in its limits
-    and the host."""
-    def run(program: str, **kwargs):
+    """Runs an attack program under the outer cap at `level` (`limits` change LIMITS), then scores it as a
+    code answer; checks the run stayed in its limits and the host."""
+    def run(program: str, **limits):
+        limits = {**LIMITS, **limits}
         start = time.monotonic()
-        r = sandbox.run(program, **{**LIMITS, **kwargs})
+        r = sandbox.run(program, **limits)
         elapsed = time.monotonic() - start
-        assert elapsed < 2 * (sandbox.WALL_FACTOR * LIMITS["timeout_s"] + 2) + 5, f"took {elapsed:.1f}s"
-        assert code.score(f"```python\n{program}\n```", STDIO_42) == 0.0
+        assert elapsed < 2 * (sandbox.WALL_FACTOR * limits["timeout_s"] + 2) + 5, f"took {elapsed:.1f}s"
+        assert code.score(f"```python\n{program}\n```", {**STDIO_42, **limits}) == 0.0
         assert_host_fine()
         return r
     return run
 
 
 def test_fork_bomb(attack):
-    r = attack("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    # Up to NPROC processes spin on a failing fork until each has used its CPU limit or the wall limit ends them
+    # all: both cores busy throughout, so a quarter of LIMITS' CPU second (wall 3 s, not 6 s) is enough to fill
+    # the process table's share and be cleaned up after.
+    r = attack("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout_s=0.25)
     assert r.status in ("timeout", "error")
 
 
