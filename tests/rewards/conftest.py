@@ -7,7 +7,8 @@ only then lets the attacks start. Everything the tests spawn, sandbox servers in
 
 The cap is built on cgroup v1 (a pids and a memory hierarchy, as on hybrid hosts) or on cgroup v2 (one
 group with both controllers, beside the test's own cgroup, whose parent enables them for its children:
-v2 forbids turning controllers on below a cgroup that holds processes).
+v2 forbids turning controllers on below a cgroup that holds processes), or on both where the kernel binds
+one controller to each.
 """
 import os
 import subprocess
@@ -20,6 +21,9 @@ import pytest
 from rewards import sandbox
 
 PIDS_MAX, MEMORY_MAX = 256, 6 << 30
+CAP = {"pids": PIDS_MAX, "memory": MEMORY_MAX}
+V1_FILES = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}  # each controller's limit file
+V2_FILES = {"pids": "pids.max", "memory": "memory.max"}
 
 # Forks children that each sleep a moment, until fork fails or 64 exist; prints how many it got.
 _FORK_PROBE = """
@@ -57,24 +61,29 @@ def own_cgroups(proc: Path = Path("/proc/self")) -> dict[str, Path]:
 
 def cap_plan(name: str, own: dict[str, Path]) -> tuple[list[tuple[Path, Path, dict[str, str]]], str]:
     """The cap's cgroups, given `own_cgroups()`: (new group, the cgroup to return to, its limit files), and
-    how it is built ("v1" or "v2"). Raises LookupError, naming what is missing, when neither can be built."""
-    if {"pids", "memory"} <= own.keys():
-        return [(own["pids"] / name, own["pids"], {"pids.max": str(PIDS_MAX)}),
-                (own["memory"] / name, own["memory"], {"memory.limit_in_bytes": str(MEMORY_MAX)})], "v1"
+    how it is built: "v1", "v2", or "v1+v2". Each controller goes where the kernel binds it: a v1 hierarchy
+    when one is mounted, else the unified one (a host booted with cgroup_no_v1=pids has pids on v2 and memory
+    on v1). Raises LookupError, naming what is missing, when the cap cannot be built."""
+    on_v1 = [c for c in ("pids", "memory") if c in own]
+    plan = [(own[c] / name, own[c], {V1_FILES[c]: str(CAP[c])}) for c in on_v1]
+    on_v2 = [c for c in ("pids", "memory") if c not in on_v1]
+    if not on_v2:
+        return plan, "v1"
     if "v2" not in own:
-        raise LookupError("no cgroup v1 pids and memory hierarchies and no cgroup2 mount")
+        raise LookupError(f"no cgroup v1 {' or '.join(on_v2)} hierarchy and no cgroup2 mount")
     group = own["v2"]
     available = set((group / "cgroup.controllers").read_text().split())
-    if not {"pids", "memory"} <= available:
-        raise LookupError(f"cgroup2 at {group} offers {sorted(available)}, not pids and memory")
-    if (group / "cgroup.type").exists():  # not the root: a sibling, under the parent that enables both
+    if not set(on_v2) <= available:
+        raise LookupError(f"cgroup2 at {group} offers {sorted(available)}, not {' and '.join(on_v2)}")
+    if (group / "cgroup.type").exists():  # not the root: a sibling, under the parent that enables them
         parent = group.parent
         if not (parent / "cgroup.procs").exists():
             raise LookupError(f"cgroup2 at {group}: its parent is not visible here (a cgroup namespace)")
     else:  # the root holds processes and may still enable controllers for its children
         parent = group
-        (parent / "cgroup.subtree_control").write_text("+pids +memory")
-    return [(parent / name, group, {"pids.max": str(PIDS_MAX), "memory.max": str(MEMORY_MAX)})], "v2"
+        (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in on_v2))
+    plan.append((parent / name, group, {V2_FILES[c]: str(CAP[c]) for c in on_v2}))
+    return plan, "v1+v2" if on_v1 else "v2"
 
 
 @pytest.fixture(scope="module")  # not session: later tests (Ray, DeepSpeed) need more than the cap

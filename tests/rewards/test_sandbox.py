@@ -186,8 +186,9 @@ def test_files_a_program_leaves_outside_its_work_dir_do_not_reach_the_next_progr
 
 def test_the_outer_cap_is_planned_on_cgroup_v1_and_v2_hosts(tmp_path):
     """Where the outer cap goes, on stand-in cgroup trees (directories holding the files the kernel shows):
-    this host binds pids to cgroup v1, so a v2 pids cap cannot be built here for real. On a v2 host the
-    cap's fork probe (tests/rewards/conftest.py) then checks the real thing before any attack runs."""
+    this host binds pids and memory to cgroup v1, and its init process keeps the v1 pids hierarchy alive when it
+    is unmounted, so pids cannot be handed to cgroup v2 here. On a v2 host the cap's fork probe
+    (tests/rewards/conftest.py) then checks the real thing before any attack runs."""
     def cgroup(path: Path, controllers: str, root: bool = False) -> Path:
         path.mkdir(parents=True)
         (path / "cgroup.controllers").write_text(controllers + "\n")
@@ -220,9 +221,19 @@ def test_the_outer_cap_is_planned_on_cgroup_v1_and_v2_hosts(tmp_path):
     (proc / "mountinfo").write_text(f"32 31 0:28 / {tmp_path / 'v1/pids'} rw - cgroup cgroup rw,pids\n"
                                     f"33 31 0:29 / {tmp_path / 'v1/memory'} rw - cgroup cgroup rw,memory\n")
     pids, memory = tmp_path / "v1/pids", tmp_path / "v1/memory/jobs/7"
+    memory_v1 = (memory / "cap", memory, {"memory.limit_in_bytes": str(conftest.MEMORY_MAX)})
     assert conftest.cap_plan("cap", conftest.own_cgroups(proc)) == (
-        [(pids / "cap", pids, {"pids.max": str(conftest.PIDS_MAX)}),
-         (memory / "cap", memory, {"memory.limit_in_bytes": str(conftest.MEMORY_MAX)})], "v1")
+        [(pids / "cap", pids, {"pids.max": str(conftest.PIDS_MAX)}), memory_v1], "v1")
+    # Each controller where the kernel binds it (booted with cgroup_no_v1=pids): memory on v1, pids on v2's root.
+    (proc / "cgroup").write_text("4:memory:/jobs/7\n0::/\n")
+    (proc / "mountinfo").write_text(f"33 31 0:29 / {tmp_path / 'v1/memory'} rw - cgroup cgroup rw,memory\n"
+                                    f"34 23 0:30 / {tmp_path / 'hybrid'} rw - cgroup2 cgroup2 rw\n")
+    hybrid = cgroup(tmp_path / "hybrid", "pids", root=True)
+    assert conftest.cap_plan("cap", conftest.own_cgroups(proc)) == (
+        [memory_v1, (hybrid / "cap", hybrid, {"pids.max": str(conftest.PIDS_MAX)})], "v1+v2")
+    assert (hybrid / "cgroup.subtree_control").read_text() == "+pids"
+    with pytest.raises(LookupError, match="no cgroup v1 pids hierarchy and no cgroup2 mount"):
+        conftest.cap_plan("cap", {"memory": memory})
 
 
 # ---- attacks: each under the outer cap, each ending with the host unharmed and a score of 0 ----
