@@ -126,10 +126,11 @@ MICRO = "trainer.micro_batch_tokens=40"  # 2-3 rows per micro-batch, 3-4 micro-b
 OFFLOAD = "trainer.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}, offload_param: {device: cpu}}}"
 
 
-# The quick loop runs micro-batches on one rank and on two ZeRO-3 ranks (partitioned weights, and a minibatch's
-# loss weights split across ranks and micro-batches); the other layouts (10-20 s each) run in `make test`.
+# The quick loop runs micro-batches on two ZeRO-3 ranks (partitioned weights, and a minibatch's loss weights split
+# across ranks and micro-batches); the other layouts (10-20 s each), one rank's micro-batches among them, run in
+# `make test`.
 @pytest.mark.parametrize("args, loss_rtol, weight_atol", [
-    pytest.param([MICRO], 1e-4, 1e-4, id="micro-batches"),
+    pytest.param([MICRO], 1e-4, 1e-4, id="micro-batches", marks=pytest.mark.slow),
     pytest.param(["trainer.num_ranks=2", MICRO], 1e-4, 1e-4, id="2-ranks-zero2", marks=pytest.mark.slow),
     pytest.param(["trainer.num_ranks=2", "trainer.zero_stage=3", MICRO], 1e-4, 1e-4, id="2-ranks-zero3"),
     pytest.param(["trainer.zero_stage=3", "trainer.gradient_checkpointing=true", OFFLOAD, MICRO], 1e-4, 1e-4,

@@ -264,7 +264,7 @@ def attack(level):
 def test_fork_bomb(attack):
     # Up to NPROC processes spin on a failing fork until each has used its CPU limit or the wall limit ends them
     # all: both cores busy throughout, so a quarter of LIMITS' CPU second (wall 3 s, not 6 s) is enough to fill
-    # the process table's share and be cleaned up after.
+    # the uid's share of the process table and be cleaned up after.
     r = attack("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout_s=0.25)
     assert r.status in ("timeout", "error")
 
@@ -286,7 +286,7 @@ def test_filling_the_disk_with_one_file_and_with_many(attack):
 
 
 def test_infinite_loop(attack):
-    assert attack("while True: pass").status == "timeout"
+    assert attack("while True: pass", timeout_s=0.25).status == "timeout"  # CPU-bound: a quarter second shows it
 
 
 def test_connecting_to_a_listener_on_the_host(attack):
