@@ -17,16 +17,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_configure(config):
-    """datasets sleeps 5 s each time a streamed parquet file's iterator ends (an epoch's end, a resume's seek:
-    its config.SLEEP_TIME_ON_THREADS_SHUTDOWN, a grace for Arrow's reader threads, apache/arrow#45214). The
-    tests' streams are a few rows long and end dozens of times: 45 s of sleep in all, so they get 0.1 s (what
-    that issue's thread found to be enough)."""
-    import datasets
-
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a test that cannot run its check fails instead of skipping: a skip there (no root, no

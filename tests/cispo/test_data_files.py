@@ -24,6 +24,15 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
+@pytest.fixture(autouse=True)
+def brief_parquet_stream_ends(monkeypatch):
+    """datasets sleeps 5 s each time a streamed parquet file's iterator ends (an epoch's end, a resume's seek:
+    its config.SLEEP_TIME_ON_THREADS_SHUTDOWN, a grace for Arrow's reader threads, apache/arrow#45214). These
+    streams are a few rows long and end dozens of times (45 s of sleep in all), so they get 0.1 s (what that
+    issue's thread found to be enough)."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+
+
 def verl_row(i: int, a: int, b: int) -> dict:
     """A row as verl's examples/data_preprocess/gsm8k.py writes it."""
     return {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": f"{a}+{b}="}], "ability": "math",
