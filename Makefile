@@ -1,7 +1,11 @@
 # Set-up is part of every target: a fresh machine needs only `make run` or `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The distribution's Python 3.11 when it can make a venv and has its C headers (vLLM's CPU build compiles kernels
+# against them), else the first python3.11 or python3 on PATH: Debian's and Ubuntu's are built with PGO and LTO and
+# linked statically, pyenv's default build with neither (docs/notes.md#install). PYTHON=... picks another.
+PYTHON ?= $(shell for p in /usr/bin/python3.11 python3.11 python3; do $$p -c 'import ensurepip, os, sysconfig; \
+	assert os.path.isfile(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null && command -v $$p && break; done)
 
 .PHONY: setup bytecode run test results
 setup: $(VENV)/.installed
