@@ -34,10 +34,18 @@ def pytest_collection_modifyitems(items):
     order, and the slow tests are collected first, so the files that hold them start first: a worker that drew a
     ten-minute test last would run it alone after the other had finished. Then the tests that start Ray actors
     (ray_session: runs, trainers, rollout workers; seconds each), then the rest, whose many short tests even out
-    the workers' ends (test_end_to_end's last in file order had one worker run 24 s alone). The sort is stable, so
-    every worker collects the same order, as xdist requires."""
+    the workers' ends (test_end_to_end's last in file order had one worker run 24 s alone). The rest go in reverse
+    file order: tests/rollout's and tests/rewards' files load models or run sandboxes (5-21 s a file) and
+    tests/cispo's are mostly sub-second unit tests, so the last files out are short (test_vllm_engine.py, last in
+    file order, had one worker run 13 s alone). The sort is stable, so every worker collects the same order, as
+    xdist requires."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "ray_session" not in item.fixturenames))
+        files = {path: n for n, path in enumerate(dict.fromkeys(item.path for item in items))}
+
+        def place(item):
+            quick, no_actors = item.get_closest_marker("slow") is None, "ray_session" not in item.fixturenames
+            return quick, no_actors, -files[item.path] if quick and no_actors else files[item.path]
+        items.sort(key=place)
 
 
 @pytest.fixture(scope="session")
